@@ -1,0 +1,21 @@
+# make demo: classify the bundled scans with the shipped model (no data set, no internet needed).
+# make test: the test suite (set BRAINTUMOR_DATA to the Kaggle data root for the real-data tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install
+
+$(BIN)/braintumor: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/braintumor
+
+demo: install
+	$(BIN)/braintumor evaluate --data examples/scans --bootstrap 0
+
+test: install
+	$(BIN)/python -m pytest -q

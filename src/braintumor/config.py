@@ -1,0 +1,111 @@
+"""Training configuration: dataclass defaults, then an optional YAML file, then overrides.
+
+Validated once here, with the valid choices named in each error; the resolved config is saved
+in the run folder as ``config.yaml`` so every run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .models import INITS
+
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Defaults are the original recipe (224x224, ImageNet
+    mean/std, CrossEntropy, Adam lr 1e-4, batch 32, 20 epochs, constant learning rate) plus
+    augmentation, a leak-free validation split and an offline ImageNet warm start (``lite0``)."""
+
+    data: Path
+    out: Path
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    image_size: int = 224
+    init: str = "lite0"
+    augment: bool = True
+    val_fraction: float = 0.1
+    near_threshold: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    workers: int = 2
+    cache_dir: Path | None = None
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for YAML and checkpoint metadata."""
+        values = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Return ``config`` unchanged if every value is in range, else raise ``ConfigError``."""
+    _check(config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}")
+    _check(config.batch_size >= 2, f"batch_size must be at least 2 (batch norm), got {config.batch_size}")
+    _check(config.lr > 0, f"lr must be positive, got {config.lr}")
+    _check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _check(config.device in DEVICES, f"device {config.device!r} is not one of {', '.join(DEVICES)}")
+    _check(config.image_size >= 32 and config.image_size % 32 == 0, f"image_size must be a multiple of 32 >= 32, got {config.image_size}")
+    _check(0.0 < config.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {config.val_fraction}")
+    _check(0 <= config.near_threshold <= 32, f"near_threshold must be in [0, 32] bits, got {config.near_threshold}")
+    _check(config.workers >= 1, f"workers must be at least 1, got {config.workers}")
+    _check(
+        config.init in INITS or Path(config.init).is_file(),
+        f"init {config.init!r} is not one of {', '.join(INITS)} or an existing weights file",
+    )
+    return config
+
+
+def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then ``yaml_file``, then the overrides that are not None; validated.
+
+    Raises:
+        ConfigError: unknown keys, unreadable YAML, or out-of-range values.
+    """
+    values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if yaml_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{yaml_file}: cannot read config ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_file}: expected a mapping of settings")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    for key in ("data", "out"):
+        if key not in values:
+            raise ConfigError(f"setting {key!r} is required")
+    for key in ("data", "out", "cache_dir"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+            raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
+    for key in ("lr", "weight_decay", "val_fraction"):
+        if key in values and not isinstance(values[key], (int, float)):
+            raise ConfigError(f"{key} must be a number, got {values[key]!r}")
+    return validate(TrainConfig(**values))

@@ -1,0 +1,136 @@
+"""The two loops: one training epoch over in-memory pixels, and batched inference. No file I/O.
+
+Both take decoded uint8 pixels already in memory (see ``cache``), so the loops do no decoding,
+and both keep the model in channels_last with bf16/fp16 autocast when the hardware has it:
+that doubles CPU training speed on CPUs with AVX-512 BF16 and is the standard fast path on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .transforms import AugmentConfig, augment, normalise
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the network runs: device, autocast dtype (None = fp32), memory layout."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool = True
+
+    def autocast(self) -> AbstractContextManager:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def select_runtime(device: str = "auto", amp: bool = True) -> Runtime:
+    """CUDA with fp16/bf16 autocast when available, else the CPU with bf16 autocast if supported."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if not amp:
+        return Runtime(dev, None)
+    if dev.type == "cuda":
+        return Runtime(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Runtime(dev, torch.bfloat16 if cpu_supports_bf16() else None)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    runtime: Runtime,
+    batch_size: int,
+    generator: torch.Generator,
+    augmentation: AugmentConfig | None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> dict[str, float]:
+    """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
+    dropped so batch norm never sees a batch of one.
+
+    Returns:
+        Mean loss, accuracy, images seen, wall seconds and images per second.
+    """
+    model.train()
+    order = torch.randperm(len(pixels), generator=generator)
+    n_batches = len(order) // batch_size
+    total_loss, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    bar = tqdm(range(n_batches), desc=description, unit="batch", disable=not progress, leave=False)
+    for step in bar:
+        index = order[step * batch_size : (step + 1) * batch_size]
+        batch = pixels[index]
+        floats = augment(batch.to(runtime.device), augmentation, generator) if augmentation else batch
+        inputs = runtime.to_input(normalise(floats.to(runtime.device)))
+        targets = labels[index].to(runtime.device)
+        with runtime.autocast():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(index)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(index)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    seconds = time.perf_counter() - started
+    return {
+        "loss": total_loss / max(seen, 1),
+        "accuracy": correct / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_second": seen / seconds if seconds > 0 else 0.0,
+    }
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    runtime: Runtime,
+    batch_size: int = 64,
+    progress: bool = False,
+    description: str = "predict",
+) -> torch.Tensor:
+    """Logits (N, classes) in float32 on the CPU for (N, H, W) uint8 pixels, in eval mode."""
+    model.eval()
+    outputs = []
+    for start in tqdm(range(0, len(pixels), batch_size), desc=description, unit="batch", disable=not progress, leave=False):
+        batch = runtime.to_input(normalise(pixels[start : start + batch_size].to(runtime.device)))
+        with runtime.autocast():
+            outputs.append(model(batch).float().cpu())
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs)

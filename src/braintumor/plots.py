@@ -1,0 +1,66 @@
+"""PNG figures people would rather look at than read: learning curves and confusion matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import numpy as np  # noqa: E402
+
+
+def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    acc_ax.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
+    acc_ax.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """Counts per (true, predicted) cell, with row-normalised shading so rare errors still show."""
+    counts = np.asarray(matrix)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(value), ha="center", va="center", color="white" if shares[row, col] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class(per_class: dict[str, dict[str, Any]], path: Path) -> None:
+    """Precision, recall and F1 for each class as grouped bars, zoomed to where the bars differ."""
+    names = list(per_class)
+    metrics = ("precision", "recall", "f1")
+    values = np.array([[per_class[name][m] for m in metrics] for name in names])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.25
+    for offset, metric in enumerate(metrics):
+        bars = ax.bar(np.arange(len(names)) + (offset - 1) * width, values[:, offset], width, label=metric)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={per_class[n]['support']})" for n in names])
+    ax.set_ylim(max(0.0, float(values.min()) - 0.05), 1.01)
+    ax.set(ylabel="score", title="Per-class precision, recall and F1")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,228 @@
+"""``fit(config)``: train EfficientNet-B0 on a data root and fill a run folder.
+
+The run folder holds:
+- ``config.yaml``: the resolved configuration;
+- ``split.json``: which Training files went to validation (near-duplicate groups kept together);
+- ``metrics.jsonl``: one line per epoch; ``learning_curves.png``;
+- ``best.safetensors``: the weights with the best validation accuracy, with their metadata;
+- ``last.pt``: model, optimizer, scheduler and random state after the last finished epoch, for
+  ``--resume``. Resuming replays nothing: the next epoch starts from exactly that state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import __version__
+from .cache import load_cached
+from .checkpoint import load_training_state, save_training_state, save_weights
+from .config import TrainConfig
+from .constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from .data import fingerprint, group_split, load_split, resolve_split_dir
+from .duplicates import group_near_duplicates
+from .engine import Runtime, predict_logits, select_runtime, train_one_epoch
+from .errors import ConfigError
+from .metrics import classification_report
+from .models import create_model
+from .plots import plot_learning_curves
+from .transforms import AugmentConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Decoded Training pixels in memory with the leak-free split."""
+
+    pixels: torch.Tensor  # (N, S, S) uint8, readable images only
+    labels: torch.Tensor  # (N,) int64
+    paths: list[Path]
+    train_index: np.ndarray
+    val_index: np.ndarray
+    skipped: list[str]
+    fingerprint: str
+
+
+def prepare_data(config: TrainConfig, progress: bool = True) -> TrainingData:
+    """Scan, decode (through the cache), drop unreadable files, group near duplicates and split."""
+    split_dir = resolve_split_dir(config.data, "Training")
+    samples = load_split(config.data, "Training")
+    decoded = load_cached([s.path for s in samples], config.image_size, config.cache_dir, config.workers, progress)
+    for line in decoded.errors:
+        logger.warning("skipped %s", line)
+    keep = np.flatnonzero(decoded.ok)
+    kept = [samples[i] for i in keep]
+    if len(kept) < 4:
+        raise ConfigError(f"{split_dir}: only {len(kept)} readable images; need at least 4 to train")
+    pixels = np.ascontiguousarray(decoded.pixels[keep])
+    labels = np.array([s.label for s in kept])
+    groups = group_near_duplicates(pixels, config.near_threshold)
+    train_index, val_index = group_split(labels, groups, config.val_fraction, config.seed)
+    return TrainingData(
+        pixels=torch.from_numpy(pixels),
+        labels=torch.from_numpy(labels),
+        paths=[s.path for s in kept],
+        train_index=train_index,
+        val_index=val_index,
+        skipped=decoded.errors,
+        fingerprint=fingerprint(kept, split_dir),
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Constant learning rate (the original recipe) or per-step cosine decay to zero."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def validate_epoch(model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int) -> dict[str, float]:
+    """Validation loss, accuracy and weighted F1 on the held-out groups."""
+    index = torch.from_numpy(data.val_index)
+    logits = predict_logits(model, data.pixels[index], runtime, batch_size=max(batch_size, 64))
+    labels = data.labels[index]
+    report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), list(CLASS_NAMES), bootstrap=0)
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": report["accuracy"],
+        "weighted_f1": report["weighted_f1"],
+    }
+
+
+def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: dict[str, float]) -> dict[str, Any]:
+    """What travels inside best.safetensors so the weights explain themselves."""
+    recipe = {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "cache_dir", "resume", "workers")}
+    return {
+        "model": "efficientnet_b0",
+        "class_names": list(CLASS_NAMES),
+        "image_size": config.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "preprocessing": "greyscale, bilinear resize to image_size x image_size, grey repeated to 3 channels",
+        "init": config.init,
+        "recipe": recipe,
+        "epoch": epoch,
+        "training_data": {
+            "fingerprint": data.fingerprint,
+            "n_train": int(len(data.train_index)),
+            "n_val": int(len(data.val_index)),
+            "n_skipped": len(data.skipped),
+        },
+        "validation": val,
+        "versions": {"braintumor": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out / "metrics.jsonl")
+    plot_learning_curves(history, out / "learning_curves.png")
+
+
+def _start_run_folder(config: TrainConfig, data: TrainingData) -> None:
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    split = {
+        "val_paths": [str(data.paths[i]) for i in data.val_index],
+        "n_train": int(len(data.train_index)),
+        "skipped": data.skipped,
+        "fingerprint": data.fingerprint,
+    }
+    (config.out / "split.json").write_text(json.dumps(split, indent=1))
+
+
+def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train as ``config`` says, writing the run folder; returns the best epoch's summary.
+
+    Raises:
+        ConfigError: the run folder already holds a run and ``resume`` is off, or nothing to resume.
+        DataError: the data root cannot be read.
+    """
+    last_path = config.out / "last.pt"
+    if last_path.exists() and not config.resume:
+        raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
+    state = load_training_state(last_path) if config.resume else None
+    torch.manual_seed(config.seed)
+    data = prepare_data(config, progress)
+    runtime = select_runtime(config.device, config.amp)
+    logger.info(
+        "training on %d images, validating on %d (%s), skipped %d unreadable; device %s, autocast %s",
+        len(data.train_index), len(data.val_index), class_counts_line(data), len(data.skipped),
+        runtime.device, runtime.amp_dtype,
+    )
+    model = create_model(config.init if state is None else "none").to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(data.train_index) // config.batch_size
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
+    if state is None:
+        _start_run_folder(config, data)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best = state["history"], state["best"]
+        if state["fingerprint"] != data.fingerprint:
+            raise ConfigError(f"{config.data}: Training data differs from the data this run started on; cannot resume")
+        logger.info("resuming %s after epoch %d", config.out, len(history))
+    train_pixels = data.pixels[torch.from_numpy(data.train_index)]
+    train_labels = data.labels[torch.from_numpy(data.train_index)]
+    augmentation = AugmentConfig() if config.augment else None
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        train = train_one_epoch(
+            model, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
+            augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}",
+        )
+        val = validate_epoch(model, data, runtime, config.batch_size)
+        row = {
+            "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
+            "lr": scheduler.get_last_lr()[0], "seconds": train["seconds"], "images_per_second": train["images_per_second"],
+        }
+        history.append(row)
+        improved = (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "val_weighted_f1": val["weighted_f1"]}
+            save_weights(model.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
+        save_training_state(last_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "history": history, "best": best, "fingerprint": data.fingerprint,
+        })
+        _write_history(config.out, history)
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f wF1 %.4f  %.0f img/s%s",
+            epoch, config.epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"],
+            val["weighted_f1"], train["images_per_second"], "  (best)" if improved else "",
+        )
+    return {"best": best, "history": history, "run_dir": str(config.out)}
+
+
+def class_counts_line(data: TrainingData) -> str:
+    """'glioma 1189/132, ...': training/validation images per class, for the log."""
+    labels = data.labels.numpy()
+    n_classes = len(CLASS_NAMES)
+    train = np.bincount(labels[data.train_index], minlength=n_classes)
+    val = np.bincount(labels[data.val_index], minlength=n_classes)
+    return ", ".join(f"{name} {train[i]}/{val[i]}" for i, name in enumerate(CLASS_NAMES))

@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic MRI-like trees written under tmp_path, and the real data root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+def synthetic_scan(rng: np.random.Generator, label: int, size: int = 64) -> Image.Image:
+    """A dark 'head' with random blobs and a class-specific bright bar, so a tiny net can learn it
+    while no two images are near duplicates."""
+    image = Image.fromarray((rng.random((size, size)) * 40).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.integers(0, size - 12, 2)
+        r = int(rng.integers(3, size // 5))
+        draw.ellipse([int(x), int(y), int(x) + r, int(y) + r], fill=int(rng.integers(60, 200)))
+    top = size // 8 + label * size // 5
+    draw.rectangle([size // 3, top, size // 3 + size // 4, top + size // 8], fill=255)
+    return image
+
+
+def write_tree(root: Path, per_class: dict[str, int], seed: int = 0, folder_names: dict[str, str] | None = None) -> Path:
+    """root/<class folder>/<n>.png for each class; folder names may be aliases."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        count = per_class.get(name, 0)
+        if not count:
+            continue
+        folder = root / (folder_names or {}).get(name, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            synthetic_scan(rng, label).save(folder / f"{name}_{index:03d}.png")
+    return root
+
+
+@pytest.fixture
+def kaggle_tree(tmp_path: Path) -> Path:
+    """A Kaggle-layout root: Training/ with 12 images per class, Testing/ with 4."""
+    root = tmp_path / "kaggle"
+    write_tree(root / "Training", {name: 12 for name in CLASSES}, seed=1)
+    write_tree(root / "Testing", {name: 4 for name in CLASSES}, seed=2)
+    return root
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real Kaggle data set, when BRAINTUMOR_DATA points at it (CI sets it)."""
+    value = os.environ.get("BRAINTUMOR_DATA")
+    if not value or not Path(value).is_dir():
+        pytest.skip("BRAINTUMOR_DATA is not set to the Kaggle data set")
+    return Path(value)

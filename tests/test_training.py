@@ -1,0 +1,96 @@
+"""Training on tiny synthetic data: the loss falls, resume is exact, and runs are never clobbered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from braintumor import training
+from braintumor.checkpoint import read_metadata
+from braintumor.config import resolve_config
+from braintumor.errors import ConfigError
+from braintumor.training import fit
+
+
+def _config(data: Path, out: Path, **overrides: object):
+    settings = {"epochs": 2, "batch_size": 8, "image_size": 32, "init": "none", "val_fraction": 0.25, "workers": 1}
+    settings.update(overrides)
+    return resolve_config(None, data=data, out=out, **settings)
+
+
+def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = fit(_config(kaggle_tree, out, epochs=4, lr=1e-3, init="lite0"), progress=False)
+    history = result["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "learning_curves.png", "best.safetensors", "last.pt"):
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    metadata = read_metadata(out / "best.safetensors")
+    assert metadata["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert metadata["image_size"] == 32 and metadata["init"] == "lite0"
+    assert metadata["epoch"] == result["best"]["epoch"]
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val_paths"]) + split["n_train"] == 48
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fit(_config(kaggle_tree, tmp_path / "whole", epochs=2, lr_schedule="cosine"), progress=False)
+
+    real_save = training.save_training_state
+
+    def save_then_die(path: Path, state: dict) -> None:
+        real_save(path, state)
+        raise KeyboardInterrupt  # the process is killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine"), progress=False)
+    monkeypatch.setattr(training, "save_training_state", real_save)
+    result = fit(_config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine", resume=True), progress=False)
+
+    assert len(result["history"]) == 2
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    for key, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    whole_best, resumed_best = load_file(tmp_path / "whole" / "best.safetensors"), load_file(tmp_path / "killed" / "best.safetensors")
+    assert all(torch.equal(whole_best[k], resumed_best[k]) for k in whole_best)
+
+
+def test_existing_run_is_not_overwritten(kaggle_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(_config(kaggle_tree, out, epochs=1), progress=False)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        fit(_config(kaggle_tree, out, epochs=1), progress=False)
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(kaggle_tree: Path, tmp_path: Path) -> None:
+    from braintumor.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fit(_config(kaggle_tree, tmp_path / "fresh", resume=True), progress=False)
+
+
+def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_path: Path) -> None:
+    (kaggle_tree / "Training" / "glioma" / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "run"
+    fit(_config(kaggle_tree, out, epochs=1), progress=False)
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["skipped"]) == 1 and "broken.png" in split["skipped"][0]
+    assert read_metadata(out / "best.safetensors")["training_data"]["n_skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"), ({"colour": 1}, "unknown")],
+)
+def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(None, data=tmp_path, out=tmp_path / "o", **overrides)
