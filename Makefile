@@ -15,7 +15,9 @@ $(BIN)/braintumor: pyproject.toml
 install: $(BIN)/braintumor
 
 demo: install
-	$(BIN)/braintumor evaluate --data examples/scans --bootstrap 0
+	$(BIN)/braintumor predict examples/scans
+	$(BIN)/braintumor explain examples/scans --out demo-output/heatmaps
+	@echo "heat maps written to demo-output/heatmaps/"
 
 test: install
 	$(BIN)/python -m pytest -q

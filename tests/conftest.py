@@ -56,3 +56,45 @@ def real_data() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("BRAINTUMOR_DATA is not set to the Kaggle data set")
     return Path(value)
+
+
+def write_dicom(
+    path: Path,
+    frames: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window: tuple[float, float] | None = None,
+    transfer_syntax: str = "1.2.840.10008.1.2.1",
+    pixel_data: bool = True,
+) -> Path:
+    """A minimal valid DICOM file (MR image storage) with 16-bit unsigned frames (F, H, W) or (H, W)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, MRImageStorage, generate_uid
+
+    frames = np.asarray(frames, dtype=np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "MR"
+    dataset.Rows, dataset.Columns = frames.shape[-2:]
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    if frames.ndim == 3:
+        dataset.NumberOfFrames = frames.shape[0]
+    if pixel_data and meta.TransferSyntaxUID.is_compressed:
+        from pydicom.encaps import encapsulate
+
+        dataset.PixelData = encapsulate([frames.tobytes()])  # not real JPEG 2000: no codec can read it
+    elif pixel_data:
+        dataset.PixelData = frames.tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path

@@ -51,6 +51,5 @@ def test_cross_set_pairs_index_each_side() -> None:
     left = np.stack([_as_pixels(synthetic_scan(rng, i % 4, size=224)) for i in range(4)])
     right = np.concatenate([left[2:3], np.stack([_as_pixels(synthetic_scan(rng, 0, size=224))])])
     hashes, mirrored = perceptual_hashes(left)
-    right_hashes, _ = perceptual_hashes(right)
-    pairs = near_pairs(hashes, mirrored, 4, other=right_hashes)
+    pairs = near_pairs(hashes, mirrored, 4, other=perceptual_hashes(right))
     assert [(i, j) for i, j, _ in pairs] == [(2, 0)]

@@ -94,3 +94,11 @@ def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_pa
 def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_config(None, data=tmp_path, out=tmp_path / "o", **overrides)
+
+
+def test_refit_without_validation_keeps_the_last_epoch(kaggle_tree: Path, tmp_path: Path) -> None:
+    first = fit(_config(kaggle_tree, tmp_path / "first", epochs=1), progress=False)
+    refit = fit(_config(kaggle_tree, tmp_path / "refit", epochs=2, val_fraction=0.0, init=str(tmp_path / "first" / "best.safetensors")), progress=False)
+    assert first["best"]["epoch"] == 1 and refit["best"]["epoch"] == 2
+    assert json.loads((tmp_path / "refit" / "split.json").read_text())["n_train"] == 48
+    assert read_metadata(tmp_path / "refit" / "best.safetensors")["training_data"]["n_val"] == 0

@@ -1,4 +1,4 @@
-"""braintumor: EfficientNet-B0 brain MRI classification with Grad-CAM, honest evaluation and serving."""
+"""braintumor: EfficientNet-B0 brain MRI classification with Grad-CAM and honest evaluation."""
 
 from __future__ import annotations
 
@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 
 from .constants import CLASS_NAMES  # noqa: E402
 from .models import create_model  # noqa: E402
+from .predict import Classifier, Explanation, Prediction, load_model  # noqa: E402
 
-__all__ = ["CLASS_NAMES", "__version__", "create_model"]
+__all__ = ["CLASS_NAMES", "Classifier", "Explanation", "Prediction", "__version__", "create_model", "load_model"]

@@ -69,7 +69,8 @@ def train(
     except BraintumorError as exc:
         _fail(str(exc))
     best = result["best"]
-    typer.echo(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.4f}; weights in {out / 'best.safetensors'}")
+    score = "no validation" if best["val_accuracy"] is None else f"val accuracy {best['val_accuracy']:.4f}"
+    typer.echo(f"kept epoch {best['epoch']} ({score}); weights in {out / 'best.safetensors'}")
 
 
 def _print_report(report: dict) -> None:
@@ -86,6 +87,12 @@ def _print_report(report: dict) -> None:
     typer.echo("confusion matrix (rows true, columns predicted): " + ", ".join(report["labels"]))
     for name, row in zip(report["labels"], report["confusion_matrix"]):
         typer.echo(f"  {name:<12}" + "".join(f"{v:>6}" for v in row))
+    if "leak_free" in report:
+        clean = report["leak_free"]
+        low, high = clean.get("accuracy_ci95", (float("nan"), float("nan")))
+        typer.echo(f"leak-free subset ({clean['n_images']} Testing images with no near duplicate in Training): "
+                   f"accuracy {clean['accuracy']:.4f}  95% CI [{low:.4f}, {high:.4f}]  weighted F1 {clean['weighted_f1']:.4f}  "
+                   f"({clean['n_errors']} errors)")
 
 
 @app.command()
@@ -97,6 +104,8 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals (0: none)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    leak_free: bool = typer.Option(True, "--leak-free/--no-leak-free", help="Also report the Testing images with no near duplicate in Training."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
 ) -> None:
     """Accuracy, F1, per-class figures, confusion matrix, ROC-AUC and bootstrap intervals."""
     import json
@@ -106,8 +115,10 @@ def evaluate(
 
     _setup_logging()
     try:
-        classifier = load_model(weights, device=device)
-        report = run_evaluation(data, classifier, out, batch_size=batch_size, bootstrap=bootstrap, progress=not json_output)
+        classifier = load_model(weights, device=device, tta=tta)
+        report = run_evaluation(
+            data, classifier, out, batch_size=batch_size, bootstrap=bootstrap, progress=not json_output, leak_free=leak_free
+        )
     except BraintumorError as exc:
         _fail(str(exc))
     if json_output:
@@ -116,6 +127,173 @@ def evaluate(
         _print_report(report)
         if out is not None:
             typer.echo(f"report, predictions and figures in {out}")
+
+
+def _volume_object(summary: dict, slices: list) -> dict:
+    """A predict --json object for a whole NIfTI volume: its summary plus mean slice probabilities."""
+    label = summary["label"]
+    readable = [p for p in slices if p.probabilities]
+    names = list(readable[0].probabilities) if readable else []
+    mean = {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
+    confidence = summary["classes"][label]["max_confidence"] if label in summary["classes"] else None
+    return {"path": summary["path"], "kind": "volume", "label": label, "confidence": confidence, "probabilities": mean, "summary": summary}
+
+
+@app.command()
+def predict(
+    paths: list[str] = typer.Argument(..., help="Files, folders (walked recursively) or globs: images, DICOM, NIfTI."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file (default: the shipped model)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON array on stdout, nothing else."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the results as CSV rows to this file."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
+) -> None:
+    """Classify scans: class, its probability and all four probabilities for each image.
+
+    Exit code 0 when every input was classified, 1 when some failed, 2 for usage errors.
+    """
+    import csv
+    import json
+
+    from .inputs import expand_inputs
+    from .predict import load_model, summarize_volume
+
+    _setup_logging()
+    try:
+        files = expand_inputs(paths)
+        classifier = load_model(weights, device=device, tta=tta)
+    except BraintumorError as exc:
+        _fail(str(exc))
+    if not files:
+        _fail("no scan files found in " + ", ".join(paths))
+    writer, handle = None, None
+    if csv_file is not None:
+        try:
+            handle = open(csv_file, "w", newline="")
+        except OSError as exc:
+            _fail(f"{csv_file}: cannot write CSV ({exc.strerror})")
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "confidence", *classifier.class_names, "error"])
+    failures, first = 0, True
+    volumes: dict[str, list] = {}
+    if json_output:
+        typer.echo("[", nl=False)
+    else:
+        typer.echo(f"{'label':<11}{'conf':>7}  " + "".join(f"{n[:10]:>11}" for n in classifier.class_names) + "  path")
+    for result in classifier.predict_iter(files, batch_size=batch_size, progress=len(files) > 5 and not json_output):
+        failures += result.error is not None
+        if result.volume:
+            volumes.setdefault(result.path.split("#")[0], []).append(result)
+        if writer is not None:
+            probabilities = [f"{result.probabilities[n]:.6f}" if result.probabilities else "" for n in classifier.class_names]
+            confidence = f"{result.confidence:.6f}" if result.confidence is not None else ""
+            writer.writerow([result.path, result.label or "", confidence, *probabilities, result.error or ""])
+        if json_output:
+            typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
+            first = False
+        elif result.error is not None:
+            typer.echo(f"error: {result.error}", err=True)
+        else:
+            row = "".join(f"{result.probabilities[n]:>11.4f}" for n in classifier.class_names)
+            typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}")
+    for path, slices in volumes.items():
+        summary = summarize_volume(slices)
+        if json_output:
+            typer.echo(("" if first else ",") + "\n" + json.dumps(_volume_object(summary, slices)), nl=False)
+            first = False
+        else:
+            parts = [f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()]
+            typer.echo(f"volume {path}: {summary['label']} - " + "; ".join(parts))
+    if json_output:
+        typer.echo("\n]")
+    if handle is not None:
+        handle.close()
+    if failures:
+        typer.echo(f"{failures} input(s) could not be classified", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    paths: list[str] = typer.Argument(..., help="Files, folders or globs to explain."),
+    out: Path = typer.Option(..., help="Folder for one PNG per scan (scan, heat map, prediction)."),
+    method: Optional[str] = typer.Option(None, help="gradcam, gradcam++, eigencam or layercam (default: layercam, see docs/explanations.md)."),
+    target: Optional[str] = typer.Option(None, help="Class to explain (default: the predicted class)."),
+    layer: Optional[str] = typer.Option(None, help="Layer to read (default: the documented best, see docs/explanations.md)."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file (default: the shipped model)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Grad-CAM heat maps: one PNG per scan with the heat map over it and the predicted class."""
+    from .explain import METHODS
+    from .inputs import expand_inputs
+    from .predict import DEFAULT_CAM_LAYER, DEFAULT_CAM_METHOD, load_model
+
+    _setup_logging()
+    method = method or DEFAULT_CAM_METHOD
+    if method not in METHODS:
+        _fail(f"method {method!r} is not one of {', '.join(METHODS)}")
+    try:
+        files = expand_inputs(paths)
+        classifier = load_model(weights, device=device)
+        out.mkdir(parents=True, exist_ok=True)
+        explanations = classifier.explain_iter(files, method=method, target=target, layer=layer or DEFAULT_CAM_LAYER)
+        failures, used = 0, set()
+        for explanation in explanations:
+            prediction = explanation.prediction
+            if explanation.heatmap is None:
+                failures += 1
+                typer.echo(f"error: {prediction.error}", err=True)
+                continue
+            name = _png_name(prediction.path, used)
+            explanation.save_png(out / name)
+            typer.echo(f"{prediction.label:<11}{prediction.confidence:>7.3f}  {out / name}")
+    except BraintumorError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{out}: cannot write ({exc.strerror})")
+    if failures:
+        typer.echo(f"{failures} input(s) could not be explained", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def audit(
+    data: Path = typer.Argument(..., help="Data root: Kaggle layout or a folder of class folders."),
+    out: Path = typer.Option(..., help="Folder for audit.md, audit.json, contact sheets and the leak-free manifest."),
+    threshold: int = typer.Option(4, min=0, max=32, help="Near-duplicate threshold in hash bits."),
+) -> None:
+    """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list."""
+    from .audit import audit as run_audit
+    from .audit import write_report
+
+    _setup_logging()
+    try:
+        report = run_audit(data, threshold=threshold)
+        write_report(report, out, data)
+    except BraintumorError as exc:
+        _fail(str(exc))
+    exact, near = report["exact"], report["near"]
+    typer.echo(f"{report['n_images']} images: {exact['groups']} exact groups ({exact['files_in_groups']} files), "
+               f"{exact['testing_files_with_training_twin']} Testing files with a byte-identical Training twin")
+    typer.echo(f"near (<= {threshold} bits): {near['groups_with_2_or_more']} groups ({near['files_in_groups']} files), "
+               f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
+               f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels")
+    typer.echo(f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}")
+
+
+def _png_name(source: str, used: set[str]) -> str:
+    """A unique, safe PNG file name from an input name (``scan.dcm#frame=2`` -> ``scan.dcm_frame2.png``)."""
+    base = Path(source.split("#")[0]).name
+    suffix = source.split("#")[1].replace("=", "") if "#" in source else ""
+    raw = f"{base}_{suffix}" if suffix else base
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in raw) or "scan"
+    name, counter = f"{stem}.png", 1
+    while name in used:
+        counter += 1
+        name = f"{stem}-{counter}.png"
+    used.add(name)
+    return name
 
 
 def main() -> None:

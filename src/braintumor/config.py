@@ -24,7 +24,10 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 class TrainConfig:
     """Everything a training run depends on. Defaults are the original recipe (224x224, ImageNet
     mean/std, CrossEntropy, Adam lr 1e-4, batch 32, 20 epochs, constant learning rate) plus
-    augmentation, a leak-free validation split and an offline ImageNet warm start (``lite0``)."""
+    augmentation, a leak-free validation split and an offline ImageNet warm start (``lite0``).
+
+    ``val_fraction`` 0 trains on every Training image with no validation (a final refit); the
+    last epoch's weights are then the run's weights."""
 
     data: Path
     out: Path
@@ -65,7 +68,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     _check(config.device in DEVICES, f"device {config.device!r} is not one of {', '.join(DEVICES)}")
     _check(config.image_size >= 32 and config.image_size % 32 == 0, f"image_size must be a multiple of 32 >= 32, got {config.image_size}")
-    _check(0.0 < config.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {config.val_fraction}")
+    _check(0.0 <= config.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {config.val_fraction} (0: no validation)")
     _check(0 <= config.near_threshold <= 32, f"near_threshold must be in [0, 32] bits, got {config.near_threshold}")
     _check(config.workers >= 1, f"workers must be at least 1, got {config.workers}")
     _check(

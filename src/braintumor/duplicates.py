@@ -66,20 +66,22 @@ def near_pairs(
     hashes: np.ndarray,
     mirrored: np.ndarray,
     threshold: int,
-    other: np.ndarray | None = None,
+    other: tuple[np.ndarray, np.ndarray] | None = None,
     chunk: int = 2048,
 ) -> list[tuple[int, int, int]]:
-    """All pairs (i, j, distance) with distance <= threshold, mirror allowed.
+    """All pairs (i, j, distance) with distance <= threshold, where the distance is the smallest
+    of plain-plain, mirrored-plain and plain-mirrored Hamming distances (symmetric in i and j).
 
-    Within one set (``other`` None) each pair appears once with i < j; across sets i indexes
-    ``hashes`` and j indexes ``other``. Vectorised in chunks: O(N*M) popcounts, about a second per
-    10^8 pairs on one core, and memory bounded by ``chunk`` rows.
+    Within one set (``other`` None) each pair appears once with i < j; across sets (``other`` =
+    (hashes, mirrored) of the second set) i indexes the first set and j the second. Vectorised in
+    chunks: O(N*M) popcounts, about a second per 10^8 pairs on one core, memory bounded by ``chunk``.
     """
-    targets = hashes if other is None else other
+    target_hashes, target_mirrored = (hashes, mirrored) if other is None else other
     pairs: list[tuple[int, int, int]] = []
     for start in range(0, len(hashes), chunk):
         stop = min(start + chunk, len(hashes))
-        distance = np.minimum(hamming_to_all(hashes[start:stop], targets), hamming_to_all(mirrored[start:stop], targets))
+        distance = np.minimum(hamming_to_all(hashes[start:stop], target_hashes), hamming_to_all(mirrored[start:stop], target_hashes))
+        distance = np.minimum(distance, hamming_to_all(hashes[start:stop], target_mirrored))
         rows, cols = np.nonzero(distance <= threshold)
         rows += start
         if other is None:

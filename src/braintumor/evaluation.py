@@ -31,8 +31,13 @@ def evaluate(
     bootstrap: int = 1000,
     cache_dir: Path | None = None,
     progress: bool = True,
+    leak_free: bool = True,
 ) -> dict[str, Any]:
     """Classify every labelled image under ``data`` and report the metrics (see ``metrics``).
+
+    On a Kaggle layout with ``leak_free`` on, the report also holds ``leak_free``: the same figures
+    on the Testing images that have no exact or near duplicate in Training (see ``audit``), which
+    measure skill on new scans rather than memory of copies.
 
     Raises:
         DataError: missing root, no images, or an unknown class folder.
@@ -47,10 +52,18 @@ def evaluate(
     labels = np.array([samples[i].label for i in keep], dtype=int)
     probabilities = classifier.predict_pixels(decoded.pixels[keep], batch_size=batch_size, progress=progress)
     report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
+    if leak_free and is_kaggle_layout(data):
+        from .audit import training_twins
+
+        kept_paths = [samples[i].path for i in keep]
+        clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
+        report["leak_free"] = classification_report(labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap)
+        report["leak_free"]["definition"] = "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
     report.update({
         "data": str(split_dir),
         "split": "Testing" if is_kaggle_layout(data) else "all",
         "weights": str(classifier.weights_path),
+        "tta": classifier.tta,
         "n_skipped": len(decoded.errors),
         "skipped": decoded.errors,
     })

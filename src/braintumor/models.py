@@ -132,6 +132,3 @@ def create_model(init: str = "lite0", num_classes: int = len(CLASS_NAMES)) -> nn
     return model
 
 
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM reads by default: the last feature block (the 1x1 conv head, 7x7 map)."""
-    return model.features[-1]

@@ -17,10 +17,11 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     acc_ax.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
-    acc_ax.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
+    if any(r["val_loss"] is not None for r in history):
+        loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+        acc_ax.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
@@ -63,4 +64,19 @@ def plot_per_class(per_class: dict[str, dict[str, Any]], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def contact_sheet(pairs: list[tuple[Path, Path, str]], path: Path, thumb: int = 112) -> None:
+    """Rows of image pairs side by side, each captioned, for eyeballing duplicate candidates."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(len(pairs), 1, figsize=(4.6, 2.4 * len(pairs)), squeeze=False)
+    for axis, (left, right, caption) in zip(axes[:, 0], pairs):
+        tiles = [np.asarray(Image.open(p).convert("L").resize((thumb, thumb))) for p in (left, right)]
+        axis.imshow(np.hstack([tiles[0], np.full((thumb, 6), 255, np.uint8), tiles[1]]), cmap="gray", vmin=0, vmax=255)
+        axis.set_title(caption, fontsize=7)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
     plt.close(fig)

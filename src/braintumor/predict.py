@@ -6,18 +6,32 @@ size, normalisation), so a model trained with other settings is used correctly w
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import load_weights
 from .engine import Runtime, predict_logits, select_runtime
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, InvalidImageError
+from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer, save_figure
+from .imaging import array_to_grey, resize_grey
+from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0
+
+ImageInput = str | Path | Image.Image | np.ndarray
+# Grad-CAM defaults, chosen by the faithfulness comparison in docs/explanations.md.
+DEFAULT_CAM_METHOD = "layercam"
+DEFAULT_CAM_LAYER = "features.5"  # the last 14x14 stage: four times finer than the 7x7 head
 
 SHIPPED_WEIGHTS_NAME = "braintumor-b0.safetensors"
 
@@ -27,31 +41,237 @@ def default_weights_path() -> Path:
     return Path(str(resources.files("braintumor") / "weights" / SHIPPED_WEIGHTS_NAME))
 
 
+@dataclass
+class Prediction:
+    """The result for one 2-D image: its class, the class's probability and all probabilities.
+
+    ``error`` is set (and the rest empty) when the input could not be read.
+    """
+
+    path: str
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    index: int | None = None  # frame or slice number within the file
+    volume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``predict --json`` and of the HTTP service."""
+        result: dict[str, Any] = {"path": self.path, "label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        if self.index is not None:
+            result["index"] = self.index
+        if self.error is not None:
+            result["error"] = self.error
+        return result
+
+
+def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
+    """Volume-level view of one NIfTI volume's slice predictions: which classes, on which slices,
+    with what confidence. The volume is called a tumour class when any slice is, choosing the
+    tumour class with the most confident slice; otherwise ``notumor``."""
+    by_class: dict[str, dict[str, Any]] = {}
+    for prediction in predictions:
+        if prediction.label is None:
+            continue
+        entry = by_class.setdefault(prediction.label, {"slices": [], "max_confidence": 0.0})
+        entry["slices"].append(prediction.index)
+        entry["max_confidence"] = max(entry["max_confidence"], float(prediction.confidence or 0.0))
+    tumours = {k: v for k, v in by_class.items() if k != "notumor"}
+    label = max(tumours, key=lambda k: tumours[k]["max_confidence"]) if tumours else ("notumor" if by_class else None)
+    return {"path": predictions[0].path.split("#")[0] if predictions else "", "n_slices": len(predictions), "label": label, "classes": by_class}
+
+
+@dataclass
+class Explanation:
+    """A heat map over one image at its own size, with the prediction it explains.
+
+    ``heatmap`` and ``pixels`` are None when the input could not be read (``prediction.error``).
+    """
+
+    prediction: Prediction
+    heatmap: np.ndarray | None  # (H, W) float32 in [0, 1]
+    pixels: np.ndarray | None  # (H, W) uint8, the scan as the model saw it before resizing
+    target: str | None  # the explained class
+    method: str
+    layer: str
+
+    def save_png(self, path: Path) -> None:
+        """The scan beside its heat-map overlay, titled with the prediction (and target)."""
+        assert self.heatmap is not None and self.pixels is not None, "no heat map for an unreadable input"
+        title = f"{self.prediction.label} ({self.prediction.confidence:.1%})"
+        if self.target != self.prediction.label:
+            title += f"; explaining {self.target}"
+        save_figure(self.pixels, self.heatmap, f"{title}\n{Path(self.prediction.path).name}  [{self.method}, {self.layer}]", path)
+
+
 class Classifier:
     """An EfficientNet-B0 with the metadata that says how to feed it and name its outputs."""
 
-    def __init__(self, model: nn.Module, metadata: dict[str, Any], runtime: Runtime, weights_path: Path | None = None):
+    def __init__(
+        self, model: nn.Module, metadata: dict[str, Any], runtime: Runtime, weights_path: Path | None = None, tta: bool = False
+    ):
         self.model = model.eval()
         self.metadata = metadata
         self.runtime = runtime
         self.weights_path = weights_path
+        self.tta = tta
         self.class_names: list[str] = list(metadata["class_names"])
         self.image_size: int = int(metadata["image_size"])
 
     def predict_pixels(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Class probabilities (N, C) for decoded, resized grey pixels (N, S, S) uint8."""
+        """Class probabilities (N, C) for decoded, resized grey pixels (N, S, S) uint8.
+
+        With test-time augmentation on, the probabilities are the mean over the scan and its
+        left-right mirror (the one augmentation that is exact for brain slices), at twice the cost.
+        """
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         logits = predict_logits(self.model, tensor, self.runtime, batch_size=batch_size, progress=progress)
-        return torch.softmax(logits, dim=1).numpy()
+        probabilities = torch.softmax(logits, dim=1)
+        if self.tta:
+            mirrored = predict_logits(self.model, tensor.flip(-1), self.runtime, batch_size=batch_size)
+            probabilities = (probabilities + torch.softmax(mirrored, dim=1)) / 2
+        return probabilities.numpy()
+
+    def _result(self, item: Slice, probabilities: np.ndarray) -> Prediction:
+        best = int(probabilities.argmax())
+        return Prediction(
+            path=item.source,
+            label=self.class_names[best],
+            confidence=float(probabilities[best]),
+            probabilities={name: float(p) for name, p in zip(self.class_names, probabilities)},
+            index=item.index,
+            volume=item.volume,
+        )
+
+    def _read(self, path: Path, resize: bool) -> list[Slice] | Prediction:
+        try:
+            slices = read_scan(path)
+        except InvalidImageError as exc:
+            return Prediction(path=str(path), error=str(exc))
+        if not resize:
+            return slices
+        return [Slice(s.source, resize_grey(s.pixels, self.image_size), s.path, s.index, s.volume) for s in slices]
+
+    def _from_memory(self, item: Image.Image | np.ndarray, number: int, resize: bool) -> list[Slice] | Prediction:
+        name = f"<image {number}>"
+        try:
+            array = np.asarray(item.convert("RGBA") if isinstance(item, Image.Image) and item.mode == "P" else item)
+            grey = array_to_grey(array)
+        except InvalidImageError as exc:
+            return Prediction(path=name, error=f"{name}: {exc}")
+        return [Slice(name, resize_grey(grey, self.image_size) if resize else grey, name)]
+
+    def _slices(self, inputs: Iterable[ImageInput], workers: int, resize: bool = True) -> Iterator[Slice | Prediction]:
+        """Decoded slices in input order (a failed file as a Prediction with its error), read by
+        worker threads at most a few batches ahead so memory stays bounded."""
+        lookahead = 4 * workers + 8
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future] = deque()
+
+            def ready(limit: int) -> Iterator[Slice | Prediction]:
+                while len(pending) > limit:
+                    result = pending.popleft().result()
+                    yield from ([result] if isinstance(result, Prediction) else result)
+
+            for number, item in enumerate(inputs):
+                if isinstance(item, (str, Path)):
+                    for path in expand_inputs([item]):
+                        pending.append(pool.submit(self._read, path, resize))
+                        yield from ready(lookahead)
+                else:
+                    pending.append(pool.submit(self._from_memory, item, number, resize))
+                    yield from ready(lookahead)
+            yield from ready(0)
+
+    def predict_iter(
+        self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32, workers: int = 2, progress: bool = False
+    ) -> Iterator[Prediction]:
+        """Predictions in input order, streamed: memory stays flat however many files there are.
+
+        Args:
+            inputs: a path (file, folder or glob), a PIL image, an array, or a list of these.
+        """
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        queue: list[Slice | Prediction] = []  # slices waiting for a full batch, failures kept in order
+        bar = tqdm(desc="predict", unit="img", disable=not progress)
+
+        def flush() -> Iterator[Prediction]:
+            slices = [item for item in queue if isinstance(item, Slice)]
+            rows = iter(self.predict_pixels(np.stack([s.pixels for s in slices]), batch_size=batch_size) if slices else [])
+            for item in queue:
+                yield item if isinstance(item, Prediction) else self._result(item, next(rows))
+            bar.update(len(queue))
+            queue.clear()
+
+        waiting = 0
+        for item in self._slices(items, workers):
+            queue.append(item)
+            waiting += isinstance(item, Slice)
+            if waiting == batch_size:
+                yield from flush()
+                waiting = 0
+        if queue:
+            yield from flush()
+        bar.close()
+
+    def predict(self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32) -> list[Prediction]:
+        """Predictions for every image in ``inputs`` (see ``predict_iter``), as a list."""
+        return list(self.predict_iter(inputs, batch_size=batch_size))
+
+    def explain_iter(
+        self,
+        inputs: ImageInput | Iterable[ImageInput],
+        method: str = DEFAULT_CAM_METHOD,
+        target: str | None = None,
+        layer: str = DEFAULT_CAM_LAYER,
+        batch_size: int = 8,
+    ) -> Iterator[Explanation]:
+        """Heat maps at each image's own size, with the prediction; streamed like ``predict_iter``.
+
+        Args:
+            target: the class to explain (default: the predicted class).
+        """
+        if target is not None and target not in self.class_names:
+            raise ConfigError(f"target {target!r} is not one of {', '.join(self.class_names)}")
+        request = HeatmapRequest(method, layer, None if target is None else self.class_names.index(target))
+        resolve_layer(self.model, layer)  # fail on a bad layer before reading any file
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        batch: list[Slice] = []
+
+        def flush() -> Iterator[Explanation]:
+            resized = np.stack([resize_grey(s.pixels, self.image_size) for s in batch])
+            heatmaps, probabilities = compute_heatmaps(self.model, resized, request)
+            for item, heatmap, row in zip(batch, heatmaps, probabilities):
+                prediction = self._result(item, row)
+                explained = target or prediction.label
+                yield Explanation(prediction, resize_heatmap(heatmap, item.pixels.shape), item.pixels, explained, method, layer)
+            batch.clear()
+
+        for item in self._slices(items, workers=2, resize=False):
+            if isinstance(item, Prediction):
+                yield from flush() if batch else iter(())
+                yield Explanation(item, None, None, None, method, layer)
+                continue
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    def explain(self, inputs: ImageInput | Iterable[ImageInput], **options: Any) -> list[Explanation]:
+        """Explanations for every image in ``inputs`` (see ``explain_iter``), as a list."""
+        return list(self.explain_iter(inputs, **options))
 
 
-def load_model(weights: str | Path | None = None, device: str = "auto", amp: bool = False) -> Classifier:
+def load_model(weights: str | Path | None = None, device: str = "auto", amp: bool = False, tta: bool = False) -> Classifier:
     """Load a braintumor weights file (default: the shipped model) into a ready classifier.
 
     Args:
         weights: a ``.safetensors`` file written by ``braintumor train``; None for the shipped model.
         device: 'auto', 'cpu' or 'cuda'.
         amp: bf16/fp16 autocast for speed; off by default so results match fp32 exactly.
+        tta: average each prediction with that of the mirrored scan (see ``predict_pixels``).
 
     Raises:
         CheckpointError: the file is missing, unreadable, or does not fit the model.
@@ -67,4 +287,4 @@ def load_model(weights: str | Path | None = None, device: str = "auto", amp: boo
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Classifier(model, metadata, runtime, path)
+    return Classifier(model, metadata, runtime, path, tta)

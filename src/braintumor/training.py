@@ -68,8 +68,11 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> TrainingData:
         raise ConfigError(f"{split_dir}: only {len(kept)} readable images; need at least 4 to train")
     pixels = np.ascontiguousarray(decoded.pixels[keep])
     labels = np.array([s.label for s in kept])
-    groups = group_near_duplicates(pixels, config.near_threshold)
-    train_index, val_index = group_split(labels, groups, config.val_fraction, config.seed)
+    if config.val_fraction > 0:
+        groups = group_near_duplicates(pixels, config.near_threshold)
+        train_index, val_index = group_split(labels, groups, config.val_fraction, config.seed)
+    else:
+        train_index, val_index = np.arange(len(labels)), np.zeros(0, dtype=int)
     return TrainingData(
         pixels=torch.from_numpy(pixels),
         labels=torch.from_numpy(labels),
@@ -89,8 +92,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def validate_epoch(model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int) -> dict[str, float]:
-    """Validation loss, accuracy and weighted F1 on the held-out groups."""
+def validate_epoch(model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int) -> dict[str, float | None]:
+    """Validation loss, accuracy and weighted F1 on the held-out groups (None without validation)."""
+    if len(data.val_index) == 0:
+        return {"loss": None, "accuracy": None, "weighted_f1": None}
     index = torch.from_numpy(data.val_index)
     logits = predict_logits(model, data.pixels[index], runtime, batch_size=max(batch_size, 64))
     labels = data.labels[index]
@@ -201,7 +206,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "lr": scheduler.get_last_lr()[0], "seconds": train["seconds"], "images_per_second": train["images_per_second"],
         }
         history.append(row)
-        improved = (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
+        # Without validation every epoch "improves", so the run keeps its last weights.
+        improved = val["accuracy"] is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
         if improved:
             best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "val_weighted_f1": val["weighted_f1"]}
             save_weights(model.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
@@ -211,10 +217,12 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "history": history, "best": best, "fingerprint": data.fingerprint,
         })
         _write_history(config.out, history)
+        validation = "no validation" if val["accuracy"] is None else (
+            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} wF1 {val['weighted_f1']:.4f}"
+        )
         logger.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f wF1 %.4f  %.0f img/s%s",
-            epoch, config.epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"],
-            val["weighted_f1"], train["images_per_second"], "  (best)" if improved else "",
+            "epoch %d/%d  train loss %.4f acc %.4f  %s  %.0f img/s%s", epoch, config.epochs, train["loss"],
+            train["accuracy"], validation, train["images_per_second"], "  (best)" if improved else "",
         )
     return {"best": best, "history": history, "run_dir": str(config.out)}
 

@@ -1,0 +1,39 @@
+"""Copy a run's best weights into the package, adding the evaluation they were measured with.
+
+Run: python scripts/ship_weights.py --run runs/shipped --report docs/evaluation/testing/report.json
+
+The metadata already holds class order, input size, normalisation, init, recipe, the training
+data fingerprint and validation metrics (written by ``braintumor train``); this adds the test
+metrics and the command that produced them, so `GET /v1/model` and the model card can quote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from braintumor.checkpoint import load_weights, save_weights
+from braintumor.predict import default_weights_path
+
+REPORT_KEYS = ("accuracy", "accuracy_ci95", "weighted_f1", "weighted_f1_ci95", "macro_f1", "macro_roc_auc", "ece", "n_images", "n_errors")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="run folder holding best.safetensors")
+    parser.add_argument("--report", type=Path, required=True, help="report.json of braintumor evaluate")
+    parser.add_argument("--command", default="braintumor evaluate --data DATA_ROOT --out docs/evaluation/testing")
+    args = parser.parse_args()
+    state, metadata = load_weights(args.run / "best.safetensors")
+    report = json.loads(args.report.read_text())
+    metadata["test_metrics"] = {key: report[key] for key in REPORT_KEYS if key in report}
+    metadata["test_metrics"]["split"] = "official Kaggle Testing split (1,311 images; includes duplicates of Training images)"
+    metadata["test_metrics"]["command"] = args.command
+    target = default_weights_path()
+    save_weights(state, target, metadata)
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

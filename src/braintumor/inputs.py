@@ -1,0 +1,184 @@
+"""What a radiology user points the tool at: image files, DICOM and NIfTI, folders and globs.
+
+``expand_inputs`` turns command-line paths into a list of files; ``read_scan`` turns one file into
+one or more named 2-D grey slices (a multi-frame DICOM gives one per frame, a NIfTI volume one per
+axial slice). Every failure is an ``InvalidImageError`` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .constants import IMAGE_EXTENSIONS, JUNK_NAMES, MAX_IMAGE_PIXELS
+from .errors import InvalidImageError
+from .imaging import array_to_grey, decode_image
+
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One 2-D grey picture from a file: ``source`` names it (``scan.dcm#frame=2``, ``vol.nii.gz#slice=40``)."""
+
+    source: str
+    pixels: np.ndarray  # (H, W) uint8
+    path: str
+    index: int | None = None  # frame or slice number, None for single images
+    volume: bool = False  # True for the slices of a 3-D NIfTI volume
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_scan_file(path: Path) -> bool:
+    """Files a folder walk picks up: known extensions, or extensionless DICOM (as PACS exports)."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS or _is_nifti(path):
+        return True
+    return suffix == "" and _has_dicom_magic(path)
+
+
+def expand_inputs(arguments: list[str | Path]) -> list[Path]:
+    """Files named directly, files under folders (recursively, sorted) and glob matches, in order.
+
+    Files named directly are always kept, even when missing: reading them then fails with the
+    reason, and the other inputs go on. A pattern that matches nothing is kept the same way.
+    Folder walks skip hidden files and files of other types.
+    """
+    files: list[Path] = []
+    for argument in arguments:
+        text = str(argument)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            walked = []
+            for directory, subdirectories, names in os.walk(path):
+                subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and d not in JUNK_NAMES)
+                walked.extend(Path(directory) / n for n in names if not n.startswith(".") and n not in JUNK_NAMES)
+            files.extend(p for p in sorted(walked) if _is_scan_file(p))
+        elif any(char in text for char in "*?[") and not path.exists():
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
+            files.extend(m for m in matches if m.is_file())
+            if not matches:
+                files.append(path)  # reported by read_scan as "no such file", like any missing path
+        else:
+            files.append(path)  # a missing or unreadable file is reported when it is read
+    return files
+
+
+def _window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip((values - low) * (255.0 / (high - low)), 0, 255).round().astype(np.uint8)
+
+
+def _dicom_frames(path: Path) -> list[np.ndarray]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"{path}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        raise InvalidImageError(f"{path}: DICOM file has no pixel data")
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(f"{path}: {columns}x{rows} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,}")
+    try:
+        array = dataset.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for codecs it lacks
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        detail = f"transfer syntax {syntax.name if syntax else 'unknown'} is not supported" if syntax else str(exc)
+        raise InvalidImageError(f"{path}: cannot decode DICOM pixels ({detail}: {type(exc).__name__})") from None
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    frames_count = int(dataset.get("NumberOfFrames", 1) or 1)
+    frames = array if frames_count > 1 else array[None]
+    results = []
+    for frame in frames:
+        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or frame.ndim == 3:
+            results.append(array_to_grey(frame.astype(np.uint8) if frame.dtype != np.uint8 else frame))
+            continue
+        values = apply_modality_lut(frame, dataset).astype(np.float64)
+        if "WindowCenter" in dataset and "WindowWidth" in dataset:
+            values = apply_voi_lut(values, dataset, index=0).astype(np.float64)
+        grey = _window_to_uint8(values, float(values.min()), float(values.max()))
+        results.append(255 - grey if photometric == "MONOCHROME1" else grey)
+    return results
+
+
+def _nifti_slices(path: Path) -> tuple[list[np.ndarray], bool]:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        image = nib.as_closest_canonical(image) if len(image.shape) >= 3 else image
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
+        raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    data = np.squeeze(data)
+    if data.ndim == 2:
+        low, high = np.percentile(data, [0.5, 99.5])
+        return [np.flipud(_window_to_uint8(data, float(low), float(high)).T)], False
+    if data.ndim != 3:
+        raise InvalidImageError(f"{path}: NIfTI image has {data.ndim} dimensions; expected a 2-D slice or 3-D volume")
+    if data.shape[0] * data.shape[1] > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(f"{path}: slices of {data.shape[0]}x{data.shape[1]} exceed the pixel cap")
+    # One intensity window for the whole volume keeps slices comparable; the canonical (RAS+)
+    # orientation puts the axial axis last, and the transpose shows anterior at the top.
+    low, high = np.percentile(data, [0.5, 99.5])
+    return [np.flipud(_window_to_uint8(data[:, :, k], float(low), float(high)).T) for k in range(data.shape[2])], True
+
+
+def read_scan(path: str | Path) -> list[Slice]:
+    """Every 2-D slice of one file, named for reports.
+
+    Raises:
+        InvalidImageError: the file is unreadable, empty, of an unknown type or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "no such file or not readable"
+        raise InvalidImageError(f"{path}: {reason}")
+    try:
+        if path.stat().st_size == 0:
+            raise InvalidImageError(f"{path}: file is empty")
+    except OSError as exc:
+        raise InvalidImageError(f"{path}: cannot read file ({exc.strerror})") from None
+    if _is_nifti(path):
+        slices, volume = _nifti_slices(path)
+        if not volume:
+            return [Slice(str(path), slices[0], str(path))]
+        return [Slice(f"{path}#slice={k}", pixels, str(path), k, True) for k, pixels in enumerate(slices)]
+    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path):
+        frames = _dicom_frames(path)
+        if len(frames) == 1:
+            return [Slice(str(path), frames[0], str(path))]
+        return [Slice(f"{path}#frame={k}", pixels, str(path), k) for k, pixels in enumerate(frames)]
+    return [Slice(str(path), decode_image(path), str(path))]
+
+
+def iter_slices(files: list[Path]) -> Iterator[Slice | InvalidImageError]:
+    """Slices of each file in order; a file that fails yields its error instead, and the walk goes on."""
+    for path in files:
+        try:
+            yield from read_scan(path)
+        except InvalidImageError as exc:
+            yield exc

@@ -1,0 +1,168 @@
+"""The Python API and the predict/explain commands: shapes, order, exit codes, agreement."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from braintumor.checkpoint import save_weights
+from braintumor.cli import app
+from braintumor.models import build_efficientnet_b0
+from braintumor.predict import load_model, summarize_volume
+from conftest import write_dicom
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
+NAMES = ["glioma", "meningioma", "notumor", "pituitary"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(build_efficientnet_b0().state_dict(), path, {"class_names": NAMES, "image_size": 32})
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """Two good images, a DICOM with two frames, an empty file and a text file posing as PNG."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, name in enumerate(("a.jpg", "b.png")):
+        Image.fromarray(np.full((40, 40), 60 * (index + 1), dtype=np.uint8)).save(folder / name)
+    write_dicom(folder / "c.dcm", np.stack([np.eye(16) * 900, np.ones((16, 16)) * 300]))
+    (folder / "d.jpg").write_bytes(b"")
+    (folder / "e.png").write_text("I am not a PNG")
+    return folder
+
+
+def test_api_accepts_paths_images_and_arrays(tiny_weights: Path, mixed_folder: Path) -> None:
+    classifier = load_model(tiny_weights)
+    results = classifier.predict([mixed_folder / "a.jpg", Image.open(mixed_folder / "b.png"), np.zeros((20, 30, 3), np.uint8)])
+    assert [r.path for r in results] == [str(mixed_folder / "a.jpg"), "<image 1>", "<image 2>"]
+    for result in results:
+        assert result.label in NAMES and result.error is None
+        assert set(result.probabilities) == set(NAMES)
+        assert np.isclose(sum(result.probabilities.values()), 1.0, atol=1e-5)
+        assert result.confidence == max(result.probabilities.values())
+
+
+def test_failures_are_reported_in_order_and_the_rest_classified(tiny_weights: Path, mixed_folder: Path) -> None:
+    results = load_model(tiny_weights).predict(mixed_folder, batch_size=2)
+    names = [Path(r.path).name for r in results]
+    assert names == ["a.jpg", "b.png", "c.dcm#frame=0", "c.dcm#frame=1", "d.jpg", "e.png"]
+    errors = {Path(r.path).name: r.error for r in results if r.error}
+    assert set(errors) == {"d.jpg", "e.png"} and "empty" in errors["d.jpg"]
+
+
+def test_predict_json_csv_and_exit_code_1(tiny_weights: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    csv_path = tmp_path / "out.csv"
+    result = runner.invoke(app, ["predict", str(mixed_folder), "--weights", str(tiny_weights), "--json", "--csv", str(csv_path)])
+    assert result.exit_code == 1
+    objects = json.loads(result.stdout)
+    assert len(objects) == 6
+    good = [o for o in objects if "error" not in o]
+    assert len(good) == 4 and all({"path", "label", "confidence", "probabilities"} <= set(o) for o in good)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["path"] for r in rows] == [o["path"] for o in objects]
+    assert rows[4]["error"] and not rows[0]["error"]
+
+
+def test_api_and_command_line_agree(tiny_weights: Path) -> None:
+    result = runner.invoke(app, ["predict", str(EXAMPLES), "--weights", str(tiny_weights), "--json"])
+    assert result.exit_code == 0
+    from_cli = {o["path"]: o for o in json.loads(result.stdout)}
+    from_api = load_model(tiny_weights).predict(EXAMPLES)
+    assert len(from_api) == len(from_cli) == 12
+    for prediction in from_api:
+        other = from_cli[prediction.path]
+        assert other["label"] == prediction.label
+        assert np.allclose(list(other["probabilities"].values()), list(prediction.probabilities.values()), atol=1e-6)
+
+
+def test_usage_errors_exit_2(tiny_weights: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert runner.invoke(app, ["predict", str(tmp_path / "empty"), "--weights", str(tiny_weights)]).exit_code == 2
+    assert runner.invoke(app, ["predict", str(EXAMPLES), "--weights", str(tmp_path / "none.safetensors")]).exit_code == 2
+    assert runner.invoke(app, ["explain", str(EXAMPLES), "--out", str(tmp_path / "o"), "--method", "magic"]).exit_code == 2
+
+
+def test_nifti_volume_has_slice_results_and_a_summary(tiny_weights: Path, tmp_path: Path) -> None:
+    volume = np.random.default_rng(0).random((24, 24, 6)).astype(np.float32)
+    path = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    result = runner.invoke(app, ["predict", str(path), "--weights", str(tiny_weights), "--json"])
+    objects = json.loads(result.stdout)
+    slices = [o for o in objects if o.get("kind") != "volume"]
+    [summary] = [o for o in objects if o.get("kind") == "volume"]
+    assert [o["index"] for o in slices] == list(range(6))
+    assert summary["summary"]["n_slices"] == 6 and summary["label"] in NAMES
+    assert sum(len(v["slices"]) for v in summary["summary"]["classes"].values()) == 6
+
+
+def test_volume_summary_prefers_a_confident_tumour_slice() -> None:
+    from braintumor.predict import Prediction
+
+    slices = [Prediction("v.nii#slice=0", "notumor", 0.99, index=0), Prediction("v.nii#slice=1", "glioma", 0.9, index=1)]
+    summary = summarize_volume(slices)
+    assert summary["label"] == "glioma" and summary["classes"]["glioma"]["slices"] == [1]
+
+
+def test_memory_stays_flat_as_the_number_of_files_grows(tiny_weights: Path, tmp_path: Path) -> None:
+    source = EXAMPLES / "glioma" / "Te-gl_0010.jpg"
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(600):
+        shutil.copy(source, folder / f"{index:04d}.jpg")
+    classifier = load_model(tiny_weights)
+
+    def peak(count: int) -> int:
+        tracemalloc.start()
+        seen = sum(1 for _ in classifier.predict_iter(sorted(folder.iterdir())[:count], batch_size=16))
+        assert seen == count
+        _, high = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return high
+
+    small, large = peak(60), peak(600)
+    assert large < 2 * small + 1_000_000, (small, large)
+
+
+def test_explain_writes_pngs_with_image_sized_non_constant_maps(tmp_path: Path) -> None:
+    classifier = load_model()
+    explanations = classifier.explain(sorted((EXAMPLES / "meningioma").iterdir())[:2] + [np.zeros((300, 200), np.uint8) + 5])
+    for explanation in explanations:
+        assert explanation.heatmap.shape == explanation.pixels.shape
+        assert 0.0 <= explanation.heatmap.min() and explanation.heatmap.max() <= 1.0
+    assert explanations[2].heatmap.shape == (300, 200)
+    assert all(e.heatmap.std() > 0.05 for e in explanations[:2])
+    result = runner.invoke(app, ["explain", str(EXAMPLES / "pituitary"), "--out", str(tmp_path / "maps"), "--target", "glioma"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(p).size[0] > 400 for p in pngs)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "eigencam"])
+def test_every_method_gives_a_map(method: str) -> None:
+    [explanation] = load_model().explain(EXAMPLES / "glioma" / "Te-gl_0010.jpg", method=method)
+    assert explanation.heatmap.shape == (224, 224) and explanation.heatmap.std() > 0.01
+
+
+def test_tta_averages_a_scan_with_its_mirror(tiny_weights: Path) -> None:
+    rng = np.random.default_rng(4)
+    scan = (rng.random((32, 32)) * 255).astype(np.uint8)
+    plain, tta = load_model(tiny_weights), load_model(tiny_weights, tta=True)
+    expected = (plain.predict_pixels(scan[None]) + plain.predict_pixels(scan[None, :, ::-1].copy())) / 2
+    assert np.allclose(tta.predict_pixels(scan[None]), expected, atol=1e-6)
+    assert np.allclose(tta.predict_pixels(scan[None]), tta.predict_pixels(scan[None, :, ::-1].copy()), atol=1e-6)
