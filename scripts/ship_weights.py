@@ -1,6 +1,7 @@
 """Copy a run's best weights into the package, adding the evaluation they were measured with.
 
 Run: python scripts/ship_weights.py --run runs/shipped --report docs/evaluation/testing/report.json
+Without --run, only the test metrics of the packaged weights are replaced (after calibration).
 
 The metadata already holds class order, input size, normalisation, init, recipe, the training
 data fingerprint and validation metrics (written by ``braintumor train``); this adds the test
@@ -21,16 +22,19 @@ REPORT_KEYS = ("accuracy", "accuracy_ci95", "weighted_f1", "weighted_f1_ci95", "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="run folder holding best.safetensors")
+    parser.add_argument("--run", type=Path, help="run folder holding best.safetensors (default: update the packaged file)")
     parser.add_argument("--report", type=Path, required=True, help="report.json of braintumor evaluate")
     parser.add_argument("--command", default="braintumor evaluate --data DATA_ROOT --out docs/evaluation/testing")
     args = parser.parse_args()
-    state, metadata = load_weights(args.run / "best.safetensors")
+    target = default_weights_path()
+    state, metadata = load_weights(args.run / "best.safetensors" if args.run else target)
     report = json.loads(args.report.read_text())
     metadata["test_metrics"] = {key: report[key] for key in REPORT_KEYS if key in report}
     metadata["test_metrics"]["split"] = "official Kaggle Testing split (1,311 images; includes duplicates of Training images)"
     metadata["test_metrics"]["command"] = args.command
-    target = default_weights_path()
+    if "leak_free" in report:
+        clean = report["leak_free"]
+        metadata["test_metrics"]["leak_free"] = {k: clean[k] for k in ("accuracy", "accuracy_ci95", "weighted_f1", "n_images", "n_errors") if k in clean}
     save_weights(state, target, metadata)
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
 

@@ -87,6 +87,10 @@ def _print_report(report: dict) -> None:
     typer.echo("confusion matrix (rows true, columns predicted): " + ", ".join(report["labels"]))
     for name, row in zip(report["labels"], report["confusion_matrix"]):
         typer.echo(f"  {name:<12}" + "".join(f"{v:>6}" for v in row))
+    if "uncertainty" in report:
+        flag = report["uncertainty"]
+        typer.echo(f"flagged uncertain (confidence < {flag['threshold']:.3f}): {flag['n_flagged']} scans holding "
+                   f"{flag['errors_flagged']} of the errors; accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
     if "leak_free" in report:
         clean = report["leak_free"]
         low, high = clean.get("accuracy_ci95", (float("nan"), float("nan")))
@@ -196,7 +200,8 @@ def predict(
             typer.echo(f"error: {result.error}", err=True)
         else:
             row = "".join(f"{result.probabilities[n]:>11.4f}" for n in classifier.class_names)
-            typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}")
+            flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
+            typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}")
     for path, slices in volumes.items():
         summary = summarize_volume(slices)
         if json_output:

@@ -17,8 +17,8 @@ import numpy as np
 from .cache import load_cached
 from .data import is_kaggle_layout, resolve_split_dir, scan_class_folders
 from .metrics import classification_report
-from .plots import plot_confusion_matrix, plot_per_class
-from .predict import Classifier
+from .plots import plot_confusion_matrix, plot_per_class, plot_reliability
+from .predict import Classifier, default_weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def evaluate(
     labels = np.array([samples[i].label for i in keep], dtype=int)
     probabilities = classifier.predict_pixels(decoded.pixels[keep], batch_size=batch_size, progress=progress)
     report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
+    if classifier.uncertainty_threshold is not None:
+        report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
     if leak_free and is_kaggle_layout(data):
         from .audit import training_twins
 
@@ -59,10 +61,12 @@ def evaluate(
         clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
         report["leak_free"] = classification_report(labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap)
         report["leak_free"]["definition"] = "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
+        if classifier.uncertainty_threshold is not None:
+            report["leak_free"]["uncertainty"] = uncertainty_summary(probabilities[clean], labels[clean], classifier.uncertainty_threshold)
     report.update({
         "data": str(split_dir),
         "split": "Testing" if is_kaggle_layout(data) else "all",
-        "weights": str(classifier.weights_path),
+        "weights": "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path),
         "tta": classifier.tta,
         "n_skipped": len(decoded.errors),
         "skipped": decoded.errors,
@@ -70,6 +74,20 @@ def evaluate(
     if out_dir is not None:
         write_outputs(out_dir, report, [samples[i].path for i in keep], labels, probabilities, classifier.class_names)
     return report
+
+
+def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """How many scans the refer-to-a-radiologist flag catches, and the accuracy on the rest."""
+    confident = probabilities.max(axis=1) >= threshold
+    correct = probabilities.argmax(axis=1) == labels
+    return {
+        "threshold": threshold,
+        "n_flagged": int((~confident).sum()),
+        "coverage": float(confident.mean()) if len(labels) else 0.0,
+        "accuracy_unflagged": float(correct[confident].mean()) if confident.any() else None,
+        "errors_flagged": int((~correct & ~confident).sum()),
+        "errors_unflagged": int((~correct & confident).sum()),
+    }
 
 
 def write_outputs(
@@ -80,7 +98,7 @@ def write_outputs(
     probabilities: np.ndarray,
     class_names: list[str],
 ) -> None:
-    """report.json, predictions.csv, confusion_matrix.png and per_class.png in ``out_dir``."""
+    """report.json, predictions.csv, confusion_matrix.png, per_class.png and reliability.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
@@ -91,3 +109,4 @@ def write_outputs(
     title = f"{report['split']} split: accuracy {report['accuracy']:.4f} (n={report['n_images']})"
     plot_confusion_matrix(report["confusion_matrix"], report["labels"], out_dir / "confusion_matrix.png", title)
     plot_per_class(report["per_class"], out_dir / "per_class.png")
+    plot_reliability(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, out_dir / "reliability.png")

@@ -80,3 +80,27 @@ def contact_sheet(pairs: list[tuple[Path, Path, str]], path: Path, thumb: int = 
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
+
+
+def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, bins: int = 15) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, with counts."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    centres, accuracies, counts = [], [], []
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            centres.append(confidence[mask].mean())
+            accuracies.append(correct[mask].mean())
+            counts.append(int(mask.sum()))
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(centres, accuracies, "o-", label="model")
+    for x, y, n in zip(centres, accuracies, counts):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (numbers: images per bin)", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

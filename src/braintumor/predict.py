@@ -55,10 +55,14 @@ class Prediction:
     error: str | None = None
     index: int | None = None  # frame or slice number within the file
     volume: bool = False
+    uncertain: bool | None = None  # confidence below the model's refer-to-a-radiologist threshold
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
-        result: dict[str, Any] = {"path": self.path, "label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        result: dict[str, Any] = {
+            "path": self.path, "label": self.label, "confidence": self.confidence,
+            "probabilities": self.probabilities, "uncertain": self.uncertain,
+        }
         if self.index is not None:
             result["index"] = self.index
         if self.error is not None:
@@ -118,30 +122,38 @@ class Classifier:
         self.tta = tta
         self.class_names: list[str] = list(metadata["class_names"])
         self.image_size: int = int(metadata["image_size"])
+        # Calibration travels with the weights (scripts/calibrate.py); absent, confidences are raw.
+        self.temperature: float = float(metadata.get("temperature", 1.0))
+        threshold = metadata.get("uncertainty_threshold")
+        self.uncertainty_threshold: float | None = None if threshold is None else float(threshold)
 
     def predict_pixels(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities (N, C) for decoded, resized grey pixels (N, S, S) uint8.
 
-        With test-time augmentation on, the probabilities are the mean over the scan and its
-        left-right mirror (the one augmentation that is exact for brain slices), at twice the cost.
+        Logits are divided by the model's fitted temperature. With test-time augmentation on, the
+        probabilities are the mean over the scan and its left-right mirror (the one augmentation
+        that is exact for brain slices), at twice the cost.
         """
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         logits = predict_logits(self.model, tensor, self.runtime, batch_size=batch_size, progress=progress)
-        probabilities = torch.softmax(logits, dim=1)
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
         if self.tta:
             mirrored = predict_logits(self.model, tensor.flip(-1), self.runtime, batch_size=batch_size)
-            probabilities = (probabilities + torch.softmax(mirrored, dim=1)) / 2
+            probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
         return probabilities.numpy()
 
     def _result(self, item: Slice, probabilities: np.ndarray) -> Prediction:
         best = int(probabilities.argmax())
+        confidence = float(probabilities[best])
+        threshold = self.uncertainty_threshold
         return Prediction(
             path=item.source,
             label=self.class_names[best],
-            confidence=float(probabilities[best]),
+            confidence=confidence,
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities)},
             index=item.index,
             volume=item.volume,
+            uncertain=None if threshold is None else confidence < threshold,
         )
 
     def _read(self, path: Path, resize: bool) -> list[Slice] | Prediction:
