@@ -87,6 +87,9 @@ def _print_report(report: dict) -> None:
     typer.echo("confusion matrix (rows true, columns predicted): " + ", ".join(report["labels"]))
     for name, row in zip(report["labels"], report["confusion_matrix"]):
         typer.echo(f"  {name:<12}" + "".join(f"{v:>6}" for v in row))
+    if "rejected_as_not_brain_mri" in report:
+        typer.echo(f"rejected as not a brain MRI: {report['rejected_as_not_brain_mri']['n']} real scans "
+                   f"({report['rejected_as_not_brain_mri']['rate']:.2%}); the figures above still score their tumour class")
     if "uncertainty" in report:
         flag = report["uncertainty"]
         typer.echo(f"flagged uncertain (confidence < {flag['threshold']:.3f}): {flag['n_flagged']} scans holding "

@@ -134,3 +134,22 @@ def predict_logits(
     if not outputs:
         return torch.empty(0, 0)
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def predict_logits_and_features(
+    model: nn.Module, pixels: torch.Tensor, runtime: Runtime, batch_size: int = 64, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C) and pooled features (N, 1280) of a torchvision EfficientNet, float32 on the CPU.
+    The features cost nothing extra: they are the classifier's input."""
+    model.eval()
+    logits, features = [], []
+    for start in tqdm(range(0, len(pixels), batch_size), desc="predict", unit="batch", disable=not progress, leave=False):
+        batch = runtime.to_input(normalise(pixels[start : start + batch_size].to(runtime.device)))
+        with runtime.autocast():
+            pooled = torch.flatten(model.avgpool(model.features(batch)), 1)
+            logits.append(model.classifier(pooled).float().cpu())
+        features.append(pooled.float().cpu())
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(logits), torch.cat(features)

@@ -50,8 +50,11 @@ def evaluate(
         logger.warning("skipped %s", line)
     keep = np.flatnonzero(decoded.ok)
     labels = np.array([samples[i].label for i in keep], dtype=int)
-    probabilities = classifier.predict_pixels(decoded.pixels[keep], batch_size=batch_size, progress=progress)
+    probabilities, rejected = classifier.infer(decoded.pixels[keep], batch_size=batch_size, progress=progress)
     report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
+    if rejected is not None:
+        # Metrics above score the tumour class regardless; this counts real scans the guard would refuse.
+        report["rejected_as_not_brain_mri"] = {"n": int(rejected.sum()), "rate": float(rejected.mean()) if len(rejected) else 0.0}
     if classifier.uncertainty_threshold is not None:
         report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
     if leak_free and is_kaggle_layout(data):

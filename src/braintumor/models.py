@@ -122,7 +122,8 @@ def create_model(init: str = "lite0", num_classes: int = len(CLASS_NAMES)) -> nn
     elif Path(init).suffix in (".safetensors", ".pt", ".pth") or Path(init).exists():
         from .checkpoint import load_weights
 
-        state, _ = load_weights(init)
+        tensors, _ = load_weights(init)
+        state = {k: v for k, v in tensors.items() if not k.startswith("ood.")}  # the guard is no model weight
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

@@ -21,14 +21,17 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_weights
-from .engine import Runtime, predict_logits, select_runtime
+from .engine import Runtime, predict_logits, predict_logits_and_features, select_runtime
 from .errors import CheckpointError, ConfigError, InvalidImageError
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer, save_figure
 from .imaging import array_to_grey, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0
+from .ood import TENSOR_PREFIX as OOD_PREFIX
+from .ood import OODGuard
 
 ImageInput = str | Path | Image.Image | np.ndarray
+NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
 # Grad-CAM defaults, chosen by the faithfulness comparison in docs/explanations.md.
 DEFAULT_CAM_METHOD = "layercam"
 DEFAULT_CAM_LAYER = "features.5"  # the last 14x14 stage: four times finer than the 7x7 head
@@ -56,12 +59,13 @@ class Prediction:
     index: int | None = None  # frame or slice number within the file
     volume: bool = False
     uncertain: bool | None = None  # confidence below the model's refer-to-a-radiologist threshold
+    not_brain_mri: bool | None = None  # the out-of-distribution guard rejected the input
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
         result: dict[str, Any] = {
             "path": self.path, "label": self.label, "confidence": self.confidence,
-            "probabilities": self.probabilities, "uncertain": self.uncertain,
+            "probabilities": self.probabilities, "uncertain": self.uncertain, "not_brain_mri": self.not_brain_mri,
         }
         if self.index is not None:
             result["index"] = self.index
@@ -81,7 +85,7 @@ def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
         entry = by_class.setdefault(prediction.label, {"slices": [], "max_confidence": 0.0})
         entry["slices"].append(prediction.index)
         entry["max_confidence"] = max(entry["max_confidence"], float(prediction.confidence or 0.0))
-    tumours = {k: v for k, v in by_class.items() if k != "notumor"}
+    tumours = {k: v for k, v in by_class.items() if k not in ("notumor", NOT_BRAIN_MRI)}
     label = max(tumours, key=lambda k: tumours[k]["max_confidence"]) if tumours else ("notumor" if by_class else None)
     return {"path": predictions[0].path.split("#")[0] if predictions else "", "n_slices": len(predictions), "label": label, "classes": by_class}
 
@@ -113,9 +117,16 @@ class Classifier:
     """An EfficientNet-B0 with the metadata that says how to feed it and name its outputs."""
 
     def __init__(
-        self, model: nn.Module, metadata: dict[str, Any], runtime: Runtime, weights_path: Path | None = None, tta: bool = False
+        self,
+        model: nn.Module,
+        metadata: dict[str, Any],
+        runtime: Runtime,
+        weights_path: Path | None = None,
+        tta: bool = False,
+        guard: OODGuard | None = None,
     ):
         self.model = model.eval()
+        self.guard = guard
         self.metadata = metadata
         self.runtime = runtime
         self.weights_path = weights_path
@@ -134,21 +145,29 @@ class Classifier:
         probabilities are the mean over the scan and its left-right mirror (the one augmentation
         that is exact for brain slices), at twice the cost.
         """
+        return self.infer(pixels, batch_size, progress)[0]
+
+    def infer(
+        self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, C), not-a-brain-MRI flags (N,) or None without a guard)."""
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-        logits = predict_logits(self.model, tensor, self.runtime, batch_size=batch_size, progress=progress)
+        logits, features = predict_logits_and_features(self.model, tensor, self.runtime, batch_size, progress)
         probabilities = torch.softmax(logits / self.temperature, dim=1)
         if self.tta:
             mirrored = predict_logits(self.model, tensor.flip(-1), self.runtime, batch_size=batch_size)
             probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
-        return probabilities.numpy()
+        rejected = self.guard.rejects(features.double().numpy()) if self.guard is not None and len(features) else None
+        return probabilities.numpy(), rejected
 
-    def _result(self, item: Slice, probabilities: np.ndarray) -> Prediction:
+    def _result(self, item: Slice, probabilities: np.ndarray, rejected: bool | None = None) -> Prediction:
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
         return Prediction(
             path=item.source,
-            label=self.class_names[best],
+            label=NOT_BRAIN_MRI if rejected else self.class_names[best],
+            not_brain_mri=None if rejected is None else bool(rejected),
             confidence=confidence,
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities)},
             index=item.index,
@@ -210,9 +229,15 @@ class Classifier:
 
         def flush() -> Iterator[Prediction]:
             slices = [item for item in queue if isinstance(item, Slice)]
-            rows = iter(self.predict_pixels(np.stack([s.pixels for s in slices]), batch_size=batch_size) if slices else [])
+            probabilities, rejected = self.infer(np.stack([s.pixels for s in slices]), batch_size) if slices else (None, None)
+            position = 0
             for item in queue:
-                yield item if isinstance(item, Prediction) else self._result(item, next(rows))
+                if isinstance(item, Prediction):
+                    yield item
+                    continue
+                flag = None if rejected is None else bool(rejected[position])
+                yield self._result(item, probabilities[position], flag)
+                position += 1
             bar.update(len(queue))
             queue.clear()
 
@@ -289,7 +314,9 @@ def load_model(weights: str | Path | None = None, device: str = "auto", amp: boo
         CheckpointError: the file is missing, unreadable, or does not fit the model.
     """
     path = Path(weights) if weights is not None else default_weights_path()
-    state, metadata = load_weights(path)
+    tensors, metadata = load_weights(path)
+    guard = OODGuard.from_tensors(tensors)
+    state = {k: v for k, v in tensors.items() if not k.startswith(OOD_PREFIX)}
     model = build_efficientnet_b0(len(metadata["class_names"]))
     try:
         model.load_state_dict(state)
@@ -299,4 +326,4 @@ def load_model(weights: str | Path | None = None, device: str = "auto", amp: boo
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Classifier(model, metadata, runtime, path, tta)
+    return Classifier(model, metadata, runtime, path, tta, guard)

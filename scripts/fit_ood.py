@@ -1,0 +1,132 @@
+"""Fit the out-of-distribution guard of the shipped model and measure it.
+
+Run: python scripts/fit_ood.py --data DATA_ROOT
+
+Fits the guard (see braintumor.ood) on the features of the shipped model's training images
+(Training minus the validation split in docs/training/split.json), sets its threshold at the
+99.5th percentile of the validation scans' distances, stores it in the packaged weights, and
+reports how many real Testing scans it wrongly rejects and which of a set of non-MRI images it
+catches: photos shipped with scikit-learn and matplotlib, rendered charts, a logo, blank, noise,
+gradient and checkerboard images. Writes docs/ood/ood.json.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from braintumor.cache import load_cached  # noqa: E402
+from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
+from braintumor.data import load_split  # noqa: E402
+from braintumor.engine import predict_logits_and_features  # noqa: E402
+from braintumor.imaging import array_to_grey, resize_grey  # noqa: E402
+from braintumor.ood import fit_guard  # noqa: E402
+from braintumor.predict import default_weights_path, load_model  # noqa: E402
+
+
+def _chart(kind: str) -> np.ndarray:
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=56)
+    x = np.linspace(0, 10, 50)
+    if kind == "line":
+        ax.plot(x, np.sin(x))
+        ax.plot(x, np.cos(x))
+    else:
+        ax.bar(range(6), [3, 5, 2, 6, 4, 1])
+    ax.set_title(kind)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def non_mri_images() -> dict[str, np.ndarray]:
+    """Inputs that are not brain MRI slices, all available offline."""
+    from sklearn.datasets import load_sample_images
+
+    sample_data = Path(matplotlib.get_data_path()) / "sample_data"
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(0, 255, 224), (224, 1)).astype(np.uint8)
+    checker = ((np.indices((224, 224)) // 28).sum(0) % 2 * 255).astype(np.uint8)
+    images = dict(zip(("photo: china.jpg (scikit-learn)", "photo: flower.jpg (scikit-learn)"), load_sample_images().images))
+    images["photo: grace_hopper.jpg (matplotlib)"] = np.asarray(Image.open(sample_data / "grace_hopper.jpg").convert("RGB"))
+    images["picture: Minduka_Present_Blue_Pack.png (matplotlib)"] = np.asarray(Image.open(sample_data / "Minduka_Present_Blue_Pack.png").convert("RGB"))
+    images["logo: logo2.png (matplotlib)"] = np.asarray(Image.open(sample_data / "logo2.png").convert("RGB"))
+    images["chart: line plot"] = _chart("line")
+    images["chart: bar chart"] = _chart("bar")
+    images["blank: black"] = np.zeros((224, 224), np.uint8)
+    images["blank: white"] = np.full((224, 224), 255, np.uint8)
+    images["blank: mid grey"] = np.full((224, 224), 128, np.uint8)
+    images["noise: uniform"] = (rng.random((224, 224)) * 255).astype(np.uint8)
+    images["noise: gaussian"] = np.clip(rng.normal(128, 40, (224, 224)), 0, 255).astype(np.uint8)
+    images["pattern: gradient"] = ramp
+    images["pattern: checkerboard"] = checker
+    return images
+
+
+def matplotlib_mri() -> np.ndarray:
+    """matplotlib's sample MRI slice (256x256, 16-bit): a real brain MRI from outside our data set."""
+    raw = gzip.open(Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read()
+    return np.frombuffer(raw, np.uint16).reshape(256, 256)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--percentile", type=float, default=99.5)
+    args = parser.parse_args()
+    classifier = load_model()
+    runtime, model = classifier.runtime, classifier.model
+
+    def features(pixels: np.ndarray) -> np.ndarray:
+        return predict_logits_and_features(model, torch.as_tensor(np.asarray(pixels)), runtime)[1].double().numpy()
+
+    training = load_split(args.data, "Training")
+    val_names = {Path(p).name for p in json.loads(Path("docs/training/split.json").read_text())["val_paths"]}
+    decoded = load_cached([s.path for s in training], 224, None, progress=False)
+    is_val = np.array([s.path.name in val_names for s in training])
+    all_features = features(decoded.pixels)
+    guard = fit_guard(all_features[~is_val], all_features[is_val], args.percentile)
+
+    testing = load_split(args.data, "Testing")
+    test_features = features(load_cached([s.path for s in testing], 224, None, progress=False).pixels)
+    test_rejected = guard.rejects(test_features)
+    others = non_mri_images()
+    other_pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in others.values()])
+    other_distance = guard.score(features(other_pixels))
+    mri_distance = float(guard.score(features(resize_grey(array_to_grey(matplotlib_mri()), 224)[None]))[0])
+    summary = {
+        "threshold": guard.threshold,
+        "percentile_of_validation": args.percentile,
+        "validation_images": int(is_val.sum()),
+        "testing_wrongly_rejected": int(test_rejected.sum()),
+        "testing_images": len(testing),
+        "testing_rejection_rate": float(test_rejected.mean()),
+        "testing_rejected_paths": [str(s.path.relative_to(args.data)) for s, r in zip(testing, test_rejected) if r],
+        "non_mri_caught": int((other_distance > guard.threshold).sum()),
+        "non_mri_images": len(others),
+        "non_mri": {name: {"score": float(d), "rejected": bool(d > guard.threshold)} for name, d in zip(others, other_distance)},
+        "matplotlib_mri_slice": {"score": mri_distance, "rejected": mri_distance > guard.threshold},
+    }
+    tensors, metadata = load_weights(default_weights_path())
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("ood.")} | guard.to_tensors()
+    metadata["ood_guard"] = {k: summary[k] for k in ("threshold", "percentile_of_validation", "testing_rejection_rate", "non_mri_caught", "non_mri_images")}
+    save_weights(tensors, default_weights_path(), metadata)
+    Path("docs/ood").mkdir(parents=True, exist_ok=True)
+    Path("docs/ood/ood.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "testing_rejected_paths"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Out-of-distribution guard: is this input a brain MRI slice at all?
+
+The classifier's 1280-d pooled features of real training scans lie close to a low-dimensional
+subspace; a photo, a chart, a blank or noise image has features that point elsewhere. The guard
+fits PCA with ``N_COMPONENTS`` components to the training features and scores an input by the
+share of its feature vector that the subspace cannot explain (relative reconstruction error).
+The threshold is a high percentile of held-out validation scans' scores, so a known, small share
+of real scans is rejected. (A Mahalanobis distance inside the subspace and the feature norm were
+tried and separate worse: see docs/ood/README.md.) The guard's tensors travel inside the weights
+file under ``ood.*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+N_COMPONENTS = 64
+TENSOR_PREFIX = "ood."
+
+
+@dataclass
+class OODGuard:
+    """PCA subspace of training features and the rejection threshold on the residual share."""
+
+    mean: np.ndarray  # (1280,)
+    components: np.ndarray  # (k, 1280), orthonormal rows
+    threshold: float
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Share (0..1) of each (N, 1280) feature vector's norm outside the training subspace."""
+        centred = features - self.mean
+        residual = centred - (centred @ self.components.T) @ self.components
+        return np.linalg.norm(residual, axis=1) / np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+
+    def rejects(self, features: np.ndarray) -> np.ndarray:
+        """True where the input is unlike every training scan: not a brain MRI slice."""
+        return self.score(features) > self.threshold
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        values = {"mean": self.mean, "components": self.components, "threshold": np.array([self.threshold])}
+        return {TENSOR_PREFIX + k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in values.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> OODGuard | None:
+        """The guard stored in a weights file, or None when the file has none."""
+        if TENSOR_PREFIX + "mean" not in tensors:
+            return None
+        get = {k[len(TENSOR_PREFIX):]: v.double().numpy() for k, v in tensors.items() if k.startswith(TENSOR_PREFIX)}
+        return cls(get["mean"], get["components"], float(get["threshold"][0]))
+
+
+def fit_guard(train_features: np.ndarray, val_features: np.ndarray, percentile: float = 99.5) -> OODGuard:
+    """PCA on training features; threshold at ``percentile`` of the validation scans' scores."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=min(N_COMPONENTS, len(train_features) - 1, train_features.shape[1]), random_state=0)
+    pca.fit(train_features)
+    guard = OODGuard(pca.mean_, pca.components_, threshold=np.inf)
+    guard.threshold = float(np.percentile(guard.score(val_features), percentile))
+    return guard
