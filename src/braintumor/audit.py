@@ -10,9 +10,10 @@ lists duplicates whose labels disagree, draws a contact sheet of example pairs p
 hash distance (the evidence for the threshold), and writes a leak-free manifest: the Testing
 images with no near duplicate in Training.
 
-Scaling: hashing is linear in the number of images (decode, 32x32 DCT); pair finding compares
-64-bit hashes in vectorised chunks, N^2/2 popcounts: about 5 s for 10^4 images and on the order
-of 10 minutes for 10^5 on one core, in memory bounded by the chunk size.
+Scaling: decoding and hashing are linear in the number of images (the 7,019 Kaggle images take
+seconds); pair finding compares 64-bit hashes in vectorised numpy chunks, no Python loop over
+pairs: N^2/2 popcounts, measured at 0.5 s for 10^4 and 2.0 s for 2x10^4 hashes on this 2-core
+machine, so about 50 s for 10^5 by the quadratic law, with memory bounded by the chunk size.
 """
 
 from __future__ import annotations
