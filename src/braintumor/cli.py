@@ -73,13 +73,19 @@ def train(
     typer.echo(f"kept epoch {best['epoch']} ({score}); weights in {out / 'best.safetensors'}")
 
 
+def _interval(report: dict, key: str) -> str:
+    """'  95% CI [low, high]' when the report has bootstrap intervals, else nothing."""
+    if key not in report:
+        return ""
+    low, high = report[key]
+    return f"  95% CI [{low:.4f}, {high:.4f}]"
+
+
 def _print_report(report: dict) -> None:
     """Human-readable summary of an evaluation report."""
-    low, high = report.get("accuracy_ci95", (float("nan"), float("nan")))
-    wlow, whigh = report.get("weighted_f1_ci95", (float("nan"), float("nan")))
     typer.echo(f"{report['data']} ({report['split']}): {report['n_images']} images, {report['n_skipped']} skipped")
-    typer.echo(f"accuracy     {report['accuracy']:.4f}  95% CI [{low:.4f}, {high:.4f}]  ({report['n_errors']} errors)")
-    typer.echo(f"weighted F1  {report['weighted_f1']:.4f}  95% CI [{wlow:.4f}, {whigh:.4f}]")
+    typer.echo(f"accuracy     {report['accuracy']:.4f}{_interval(report, 'accuracy_ci95')}  ({report['n_errors']} errors)")
+    typer.echo(f"weighted F1  {report['weighted_f1']:.4f}{_interval(report, 'weighted_f1_ci95')}")
     typer.echo(f"macro F1     {report['macro_f1']:.4f}   macro ROC-AUC {report['macro_roc_auc'] or float('nan'):.4f}   ECE {report['ece']:.4f}")
     typer.echo(f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name, row in report["per_class"].items():
@@ -96,9 +102,8 @@ def _print_report(report: dict) -> None:
                    f"{flag['errors_flagged']} of the errors; accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
     if "leak_free" in report:
         clean = report["leak_free"]
-        low, high = clean.get("accuracy_ci95", (float("nan"), float("nan")))
         typer.echo(f"leak-free subset ({clean['n_images']} Testing images with no near duplicate in Training): "
-                   f"accuracy {clean['accuracy']:.4f}  95% CI [{low:.4f}, {high:.4f}]  weighted F1 {clean['weighted_f1']:.4f}  "
+                   f"accuracy {clean['accuracy']:.4f}{_interval(clean, 'accuracy_ci95')}  weighted F1 {clean['weighted_f1']:.4f}  "
                    f"({clean['n_errors']} errors)")
 
 
