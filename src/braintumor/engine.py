@@ -116,27 +116,6 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    pixels: torch.Tensor,
-    runtime: Runtime,
-    batch_size: int = 64,
-    progress: bool = False,
-    description: str = "predict",
-) -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU for (N, H, W) uint8 pixels, in eval mode."""
-    model.eval()
-    outputs = []
-    for start in tqdm(range(0, len(pixels), batch_size), desc=description, unit="batch", disable=not progress, leave=False):
-        batch = runtime.to_input(normalise(pixels[start : start + batch_size].to(runtime.device)))
-        with runtime.autocast():
-            outputs.append(model(batch).float().cpu())
-    if not outputs:
-        return torch.empty(0, 0)
-    return torch.cat(outputs)
-
-
-@torch.inference_mode()
 def predict_logits_and_features(
     model: nn.Module, pixels: torch.Tensor, runtime: Runtime, batch_size: int = 64, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,3 +132,8 @@ def predict_logits_and_features(
     if not logits:
         return torch.empty(0, 0), torch.empty(0, 0)
     return torch.cat(logits), torch.cat(features)
+
+
+def predict_logits(model: nn.Module, pixels: torch.Tensor, runtime: Runtime, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, classes) in float32 on the CPU for (N, H, W) uint8 pixels, in eval mode."""
+    return predict_logits_and_features(model, pixels, runtime, batch_size)[0]

@@ -122,8 +122,9 @@ def create_model(init: str = "lite0", num_classes: int = len(CLASS_NAMES)) -> nn
     elif Path(init).suffix in (".safetensors", ".pt", ".pth") or Path(init).exists():
         from .checkpoint import load_weights
 
-        tensors, _ = load_weights(init)
-        state = {k: v for k, v in tensors.items() if not k.startswith("ood.")}  # the guard is no model weight
+        from .ood import split_guard
+
+        state, _ = split_guard(load_weights(init)[0])  # the guard is no model weight
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

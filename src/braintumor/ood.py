@@ -61,3 +61,9 @@ def fit_guard(train_features: np.ndarray, val_features: np.ndarray, percentile: 
     guard = OODGuard(pca.mean_, pca.components_, threshold=np.inf)
     guard.threshold = float(np.percentile(guard.score(val_features), percentile))
     return guard
+
+
+def split_guard(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], OODGuard | None]:
+    """Separate a weights file's tensors into the model's state dict and its guard (if any)."""
+    state = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+    return state, OODGuard.from_tensors(tensors)

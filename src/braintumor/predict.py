@@ -27,8 +27,7 @@ from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_l
 from .imaging import array_to_grey, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0
-from .ood import TENSOR_PREFIX as OOD_PREFIX
-from .ood import OODGuard
+from .ood import OODGuard, split_guard
 
 ImageInput = str | Path | Image.Image | np.ndarray
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
@@ -315,8 +314,7 @@ def load_model(weights: str | Path | None = None, device: str = "auto", amp: boo
     """
     path = Path(weights) if weights is not None else default_weights_path()
     tensors, metadata = load_weights(path)
-    guard = OODGuard.from_tensors(tensors)
-    state = {k: v for k, v in tensors.items() if not k.startswith(OOD_PREFIX)}
+    state, guard = split_guard(tensors)
     model = build_efficientnet_b0(len(metadata["class_names"]))
     try:
         model.load_state_dict(state)
