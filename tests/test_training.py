@@ -89,7 +89,8 @@ def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_pa
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"), ({"colour": 1}, "unknown")],
+    [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"), ({"colour": 1}, "unknown"),
+     ({"label_smoothing": 1.0}, "label_smoothing")],
 )
 def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -102,3 +103,10 @@ def test_refit_without_validation_keeps_the_last_epoch(kaggle_tree: Path, tmp_pa
     assert first["best"]["epoch"] == 1 and refit["best"]["epoch"] == 2
     assert json.loads((tmp_path / "refit" / "split.json").read_text())["n_train"] == 48
     assert read_metadata(tmp_path / "refit" / "best.safetensors")["training_data"]["n_val"] == 0
+
+
+def test_label_smoothing_reaches_the_loss(kaggle_tree: Path, tmp_path: Path) -> None:
+    """Same data, seed and start: smoothed targets give a higher loss than hard ones."""
+    plain = fit(_config(kaggle_tree, tmp_path / "plain", epochs=1), progress=False)
+    smooth = fit(_config(kaggle_tree, tmp_path / "smooth", epochs=1, label_smoothing=0.3), progress=False)
+    assert smooth["history"][0]["train_loss"] > plain["history"][0]["train_loss"]

@@ -70,6 +70,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     progress: bool = True,
     description: str = "train",
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
     dropped so batch norm never sees a batch of one.
@@ -91,7 +92,7 @@ def train_one_epoch(
         targets = labels[index].to(runtime.device)
         with runtime.autocast():
             logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

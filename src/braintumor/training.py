@@ -198,6 +198,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         train = train_one_epoch(
             model, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
             augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}",
+            label_smoothing=config.label_smoothing,
         )
         val = validate_epoch(model, data, runtime, config.batch_size)
         row = {
