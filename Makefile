@@ -1,10 +1,11 @@
 # make demo: classify the bundled scans with the shipped model (no data set, no internet needed).
 # make test: the test suite (set BRAINTUMOR_DATA to the Kaggle data root for the real-data tests).
+# make serve: the HTTP service and web page on http://127.0.0.1:8000/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test install serve
 
 $(BIN)/braintumor: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,3 +22,6 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+serve: install
+	$(BIN)/braintumor serve

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +103,38 @@ def write_dicom(
         dataset.PixelData = frames.tobytes()
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
+
+
+@pytest.fixture(scope="session")
+def shipped_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model exported to ONNX once per test session (about 5 s)."""
+    from braintumor.onnx_backend import export_onnx
+
+    return export_onnx(None, tmp_path_factory.mktemp("onnx") / "braintumor-b0.onnx")
+
+
+@contextmanager
+def live_server(app: object) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields its URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

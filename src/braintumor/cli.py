@@ -141,16 +141,6 @@ def evaluate(
             typer.echo(f"report, predictions and figures in {out}")
 
 
-def _volume_object(summary: dict, slices: list) -> dict:
-    """A predict --json object for a whole NIfTI volume: its summary plus mean slice probabilities."""
-    label = summary["label"]
-    readable = [p for p in slices if p.probabilities]
-    names = list(readable[0].probabilities) if readable else []
-    mean = {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
-    confidence = summary["classes"][label]["max_confidence"] if label in summary["classes"] else None
-    return {"path": summary["path"], "kind": "volume", "label": label, "confidence": confidence, "probabilities": mean, "summary": summary}
-
-
 @app.command()
 def predict(
     paths: list[str] = typer.Argument(..., help="Files, folders (walked recursively) or globs: images, DICOM, NIfTI."),
@@ -160,6 +150,7 @@ def predict(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
+    backend: Optional[str] = typer.Option(None, help="torch or onnx (ONNX Runtime); default: onnx for an .onnx --weights file, else torch."),
 ) -> None:
     """Classify scans: class, its probability and all four probabilities for each image.
 
@@ -169,12 +160,12 @@ def predict(
     import json
 
     from .inputs import expand_inputs
-    from .predict import load_model, summarize_volume
+    from .predict import load_model, summarize_volume, volume_object
 
     _setup_logging()
     try:
         files = expand_inputs(paths)
-        classifier = load_model(weights, device=device, tta=tta)
+        classifier = load_model(weights, device=device, tta=tta, backend=backend)
     except BraintumorError as exc:
         _fail(str(exc))
     if not files:
@@ -213,7 +204,7 @@ def predict(
     for path, slices in volumes.items():
         summary = summarize_volume(slices)
         if json_output:
-            typer.echo(("" if first else ",") + "\n" + json.dumps(_volume_object(summary, slices)), nl=False)
+            typer.echo(("" if first else ",") + "\n" + json.dumps(volume_object(slices)), nl=False)
             first = False
         else:
             parts = [f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()]
@@ -293,6 +284,69 @@ def audit(
                f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
                f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels")
     typer.echo(f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}")
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc})")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file: .safetensors (default: the shipped model) or .onnx."),
+    backend: Optional[str] = typer.Option(None, help="torch or onnx; default: onnx for an .onnx file, else torch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation for every prediction."),
+    max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
+    max_files: int = typer.Option(16, min=1, help="Most files in one request."),
+    workers: int = typer.Option(1, min=1, help="Model calls run at the same time."),
+) -> None:
+    """HTTP service and web page: /, /docs, /healthz, /v1/model, /v1/predict, /v1/explain."""
+    from .predict import load_model
+    from .serve import ServiceLimits, create_app
+
+    _setup_logging()
+    _check_can_listen(host, port)  # before the model loads: a busy port should fail at once
+    try:
+        classifier = load_model(weights, device=device, tta=tta, backend=backend)
+    except BraintumorError as exc:
+        _fail(str(exc))
+    import uvicorn
+
+    limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files)
+    typer.echo(f"serving {classifier.weights_path} ({classifier.backend}) on http://{host}:{port}/", err=True)
+    try:
+        uvicorn.run(create_app(classifier, limits, workers), host=host, port=port, log_level="info")
+    except OSError as exc:  # uvicorn logs bind failures and exits; other socket errors land here
+        _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc})")
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., help="File to write (for example braintumor-b0.onnx)."),
+    format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file to export (default: the shipped model)."),
+) -> None:
+    """Export the model for deployment: ONNX with a dynamic batch, metadata and OOD guard inside."""
+    from .onnx_backend import export_onnx
+
+    _setup_logging()
+    if format != "onnx":
+        _fail(f"format {format!r} is not supported; the only format is onnx")
+    try:
+        written = export_onnx(weights, out)
+    except BraintumorError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB); run it with --backend onnx --weights {written}")
 
 
 def _png_name(source: str, used: set[str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -83,8 +84,9 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
     return ((1 - alpha) * scan + alpha * colours).clip(0, 1).__mul__(255).round().astype(np.uint8)
 
 
-def save_figure(grey: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> None:
-    """PNG: the scan beside the heat-map overlay, with the prediction as title."""
+def save_figure(grey: np.ndarray, heatmap: np.ndarray, title: str, path: Path | BinaryIO) -> None:
+    """PNG: the scan beside the heat-map overlay, with the prediction as title, to a file or a
+    binary stream (the HTTP service answers with it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,8 +101,9 @@ def save_figure(grey: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -
         axis.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -21,6 +21,8 @@ from .imaging import array_to_grey, decode_image
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# First bytes of JPEG, PNG, BMP and TIFF (both byte orders) files.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,36 @@ def _nifti_slices(path: Path) -> tuple[list[np.ndarray], bool]:
     # orientation puts the axial axis last, and the transpose shows anterior at the top.
     low, high = np.percentile(data, [0.5, 99.5])
     return [np.flipud(_window_to_uint8(data[:, :, k], float(low), float(high)).T) for k in range(data.shape[2])], True
+
+
+def scan_kind(path: str | Path) -> str | None:
+    """'dicom', 'nifti' or 'image' when the file looks like a type ``read_scan`` reads, else None.
+
+    Decided from content (DICOM preamble, the image header Pillow recognises) and, for NIfTI, the
+    name; it reads only headers, so a file of a known type can still turn out to be damaged when
+    ``read_scan`` decodes it. Lets a service tell "unsupported type" from "corrupt file".
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if _is_nifti(path):
+        return "nifti"
+    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path):
+        return "dicom"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return None
+    if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"  # a known image header, even if the rest turns out truncated
+    try:
+        with Image.open(path):
+            return "image"
+    except Image.DecompressionBombError:
+        return "image"  # an image, refused by read_scan with the reason
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
 
 
 def read_scan(path: str | Path) -> list[Slice]:

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,12 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_weights
-from .engine import Runtime, predict_logits, predict_logits_and_features, select_runtime
+from .engine import Runtime, predict_logits_and_features, select_runtime
 from .errors import CheckpointError, ConfigError, InvalidImageError
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer, save_figure
 from .imaging import array_to_grey, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0
+from .onnx_backend import OnnxNetwork, export_model_proto
 from .ood import OODGuard, split_guard
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -89,6 +90,18 @@ def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
     return {"path": predictions[0].path.split("#")[0] if predictions else "", "n_slices": len(predictions), "label": label, "classes": by_class}
 
 
+def volume_object(slices: list[Prediction]) -> dict[str, Any]:
+    """The ``predict --json`` (and HTTP) object for a whole NIfTI volume: its summary plus the mean
+    of its slices' probabilities."""
+    summary = summarize_volume(slices)
+    label = summary["label"]
+    readable = [p for p in slices if p.probabilities]
+    names = list(readable[0].probabilities) if readable else []
+    mean = {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
+    confidence = summary["classes"][label]["max_confidence"] if label in summary["classes"] else None
+    return {"path": summary["path"], "kind": "volume", "label": label, "confidence": confidence, "probabilities": mean, "summary": summary}
+
+
 @dataclass
 class Explanation:
     """A heat map over one image at its own size, with the prediction it explains.
@@ -103,7 +116,7 @@ class Explanation:
     method: str
     layer: str
 
-    def save_png(self, path: Path) -> None:
+    def save_png(self, path: Path | BinaryIO) -> None:
         """The scan beside its heat-map overlay, titled with the prediction (and target)."""
         assert self.heatmap is not None and self.pixels is not None, "no heat map for an unreadable input"
         title = f"{self.prediction.label} ({self.prediction.confidence:.1%})"
@@ -117,14 +130,19 @@ class Classifier:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         metadata: dict[str, Any],
         runtime: Runtime,
         weights_path: Path | None = None,
         tta: bool = False,
         guard: OODGuard | None = None,
+        onnx: OnnxNetwork | None = None,
     ):
-        self.model = model.eval()
+        """``model`` runs inference unless ``onnx`` is given; then it only serves Grad-CAM (which
+        needs gradients) and may be None for a classifier loaded from an ``.onnx`` file."""
+        self.model = model.eval() if model is not None else None
+        self.onnx = onnx
+        self.backend = "onnx" if onnx is not None else "torch"
         self.guard = guard
         self.metadata = metadata
         self.runtime = runtime
@@ -151,13 +169,29 @@ class Classifier:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (N, C), not-a-brain-MRI flags (N,) or None without a guard)."""
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-        logits, features = predict_logits_and_features(self.model, tensor, self.runtime, batch_size, progress)
+        logits, features = self._logits_and_features(tensor, batch_size, progress)
         probabilities = torch.softmax(logits / self.temperature, dim=1)
         if self.tta:
-            mirrored = predict_logits(self.model, tensor.flip(-1), self.runtime, batch_size=batch_size)
+            mirrored = self._logits_and_features(tensor.flip(-1), batch_size)[0]
             probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
         rejected = self.guard.rejects(features.double().numpy()) if self.guard is not None and len(features) else None
         return probabilities.numpy(), rejected
+
+    def _logits_and_features(
+        self, pixels: torch.Tensor, batch_size: int, progress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.onnx is not None:
+            return self.onnx.logits_and_features(pixels, batch_size)
+        assert self.model is not None
+        return predict_logits_and_features(self.model, pixels, self.runtime, batch_size, progress)
+
+    def predict_slices(self, slices: list[Slice], batch_size: int = 64) -> list[Prediction]:
+        """Predictions for slices already read (``inputs.read_scan``), each resized here if needed."""
+        if not slices:
+            return []
+        pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
+        probabilities, rejected = self.infer(pixels, batch_size)
+        return [self._result(s, probabilities[k], None if rejected is None else bool(rejected[k])) for k, s in enumerate(slices)]
 
     def _result(self, item: Slice, probabilities: np.ndarray, rejected: bool | None = None) -> Prediction:
         best = int(probabilities.argmax())
@@ -227,16 +261,9 @@ class Classifier:
         bar = tqdm(desc="predict", unit="img", disable=not progress)
 
         def flush() -> Iterator[Prediction]:
-            slices = [item for item in queue if isinstance(item, Slice)]
-            probabilities, rejected = self.infer(np.stack([s.pixels for s in slices]), batch_size) if slices else (None, None)
-            position = 0
+            results = iter(self.predict_slices([item for item in queue if isinstance(item, Slice)], batch_size))
             for item in queue:
-                if isinstance(item, Prediction):
-                    yield item
-                    continue
-                flag = None if rejected is None else bool(rejected[position])
-                yield self._result(item, probabilities[position], flag)
-                position += 1
+                yield item if isinstance(item, Prediction) else next(results)
             bar.update(len(queue))
             queue.clear()
 
@@ -268,6 +295,11 @@ class Classifier:
         Args:
             target: the class to explain (default: the predicted class).
         """
+        if self.model is None:
+            raise ConfigError(
+                f"{self.weights_path}: Grad-CAM needs gradients, which an ONNX file cannot give; "
+                "explain with the .safetensors weights it was exported from"
+            )
         if target is not None and target not in self.class_names:
             raise ConfigError(f"target {target!r} is not one of {', '.join(self.class_names)}")
         request = HeatmapRequest(method, layer, None if target is None else self.class_names.index(target))
@@ -277,10 +309,12 @@ class Classifier:
 
         def flush() -> Iterator[Explanation]:
             resized = np.stack([resize_grey(s.pixels, self.image_size) for s in batch])
-            heatmaps, probabilities = compute_heatmaps(self.model, resized, request)
-            for item, heatmap, row in zip(batch, heatmaps, probabilities):
-                prediction = self._result(item, row)
-                explained = target or prediction.label
+            heatmaps, raw = compute_heatmaps(self.model, resized, request)
+            # The reported prediction is predict's own (temperature, guard, TTA), so the two agree.
+            probabilities, rejected = self.infer(resized, batch_size)
+            for k, (item, heatmap) in enumerate(zip(batch, heatmaps)):
+                prediction = self._result(item, probabilities[k], None if rejected is None else bool(rejected[k]))
+                explained = target or self.class_names[int(raw[k].argmax())]
                 yield Explanation(prediction, resize_heatmap(heatmap, item.pixels.shape), item.pixels, explained, method, layer)
             batch.clear()
 
@@ -300,19 +334,44 @@ class Classifier:
         return list(self.explain_iter(inputs, **options))
 
 
-def load_model(weights: str | Path | None = None, device: str = "auto", amp: bool = False, tta: bool = False) -> Classifier:
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+
+
+def load_model(
+    weights: str | Path | None = None,
+    device: str = "auto",
+    amp: bool = False,
+    tta: bool = False,
+    backend: str | None = None,
+) -> Classifier:
     """Load a braintumor weights file (default: the shipped model) into a ready classifier.
 
     Args:
-        weights: a ``.safetensors`` file written by ``braintumor train``; None for the shipped model.
-        device: 'auto', 'cpu' or 'cuda'.
+        weights: a ``.safetensors`` file written by ``braintumor train``, an ``.onnx`` file written
+            by ``braintumor export``, or None for the shipped model.
+        device: 'auto', 'cpu' or 'cuda' (the ONNX backend runs on the CPU).
         amp: bf16/fp16 autocast for speed; off by default so results match fp32 exactly.
         tta: average each prediction with that of the mirrored scan (see ``predict_pixels``).
+        backend: 'torch' or 'onnx' (ONNX Runtime); default: 'onnx' for an ``.onnx`` file, else
+            'torch'. With 'onnx' and a ``.safetensors`` file the network is exported in memory
+            (a few seconds), and the PyTorch model is kept for Grad-CAM.
 
     Raises:
         CheckpointError: the file is missing, unreadable, or does not fit the model.
+        ConfigError: an unknown backend, or the torch backend asked to run an ONNX file.
     """
     path = Path(weights) if weights is not None else default_weights_path()
+    is_onnx_file = path.suffix.lower() == ".onnx"
+    backend = backend or ("onnx" if is_onnx_file else "torch")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if is_onnx_file:
+        if backend != "onnx":
+            raise ConfigError(f"{path}: an ONNX file runs only with the onnx backend")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        network = OnnxNetwork(path, str(path))
+        return Classifier(None, network.metadata, select_runtime("cpu", False), path, tta, network.guard, network)
     tensors, metadata = load_weights(path)
     state, guard = split_guard(tensors)
     model = build_efficientnet_b0(len(metadata["class_names"]))
@@ -320,8 +379,12 @@ def load_model(weights: str | Path | None = None, device: str = "auto", amp: boo
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit EfficientNet-B0 ({str(exc).splitlines()[0]})") from None
+    onnx = None
+    if backend == "onnx":
+        proto = export_model_proto(model.eval(), metadata, guard, path.name)
+        onnx = OnnxNetwork(proto.SerializeToString(), str(path))
     runtime = select_runtime(device, amp)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Classifier(model, metadata, runtime, path, tta, guard)
+    return Classifier(model, metadata, runtime, path, tta, guard, onnx)

@@ -1,0 +1,255 @@
+"""The HTTP service: a FastAPI app around one loaded ``Classifier``, and the reading-room page.
+
+Endpoints (OpenAPI docs at ``/docs``):
+- ``GET /healthz``: liveness;
+- ``GET /v1/model``: class order, input size, version and metrics from the weights' metadata;
+- ``POST /v1/predict``: multipart ``files`` (one or more scans of any type ``predict`` reads),
+  answered with the JSON array of ``braintumor predict --json``;
+- ``POST /v1/explain``: multipart ``file`` (one scan), answered with the Grad-CAM figure as PNG,
+  or with ``?format=json`` the prediction plus the scan and overlay as base64 PNGs;
+- ``GET /``: a self-contained page (no CDN, no web fonts) to drop scans on.
+
+Each request's uploads go to its own temporary folder, removed when the request ends, so
+concurrent requests never see each other's files. Model calls run in worker threads (never on
+the event loop), at most ``workers`` at a time: on a CPU the model already uses every core, so
+more would only queue inside PyTorch. Every failure is a JSON ``{"error": ...}`` with a status:
+413 too large or too many files, 415 not a scan type we read, 422 a damaged scan or bad request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from anyio import CapacityLimiter, to_thread
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .errors import BraintumorError, InvalidImageError
+from .explain import METHODS, overlay
+from .inputs import Slice, read_scan, scan_kind
+from .predict import DEFAULT_CAM_LAYER, DEFAULT_CAM_METHOD, Classifier, Prediction, volume_object
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may send. The request-size cap is checked from Content-Length before the
+    body is read; each file's size is checked again while it is read."""
+
+    max_file_bytes: int = 32 * 2**20
+    max_files: int = 16
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_files * self.max_file_bytes + 2**20  # room for multipart headers
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP status and one line that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _safe_name(name: str | None, number: int) -> str:
+    """The upload's base name with only harmless characters; keeps the suffix (type detection)."""
+    base = Path(name or "").name
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in base).lstrip(".")
+    return cleaned or f"upload-{number}"
+
+
+def _save(upload: UploadFile, folder: Path, number: int, limits: ServiceLimits) -> tuple[Path, str]:
+    """Write one upload under ``folder``; refuse it (413) as soon as it passes the size cap.
+    Blocking file I/O: called in a worker thread."""
+    shown = Path(upload.filename or f"upload-{number}").name
+    target = folder / str(number) / _safe_name(upload.filename, number)
+    target.parent.mkdir()
+    size = 0
+    upload.file.seek(0)
+    with open(target, "wb") as handle:
+        while chunk := upload.file.read(CHUNK):
+            size += len(chunk)
+            if size > limits.max_file_bytes:
+                raise ServiceError(413, f"{shown}: larger than the {limits.max_file_bytes / 2**20:g} MiB limit per file")
+            handle.write(chunk)
+    return target, shown
+
+
+def _read(path: Path, shown: str) -> list[Slice]:
+    """Every slice of an uploaded file, named by the client's file name; 415/422 with the reason."""
+    if path.stat().st_size == 0:
+        raise ServiceError(422, f"{shown}: file is empty")
+    if scan_kind(path) is None:
+        raise ServiceError(415, f"{shown}: unsupported file type (send JPEG, PNG, BMP, TIFF, WebP, DICOM or NIfTI)")
+    try:
+        slices = read_scan(path)
+    except InvalidImageError as exc:
+        raise ServiceError(422, str(exc).replace(str(path), shown)) from None
+    return [Slice(s.source.replace(str(path), shown), s.pixels, shown, s.index, s.volume) for s in slices]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def model_info(classifier: Classifier) -> dict[str, Any]:
+    """What ``GET /v1/model`` answers: enough for a client to check it talks to the right model."""
+    metadata = classifier.metadata
+    path = classifier.weights_path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+    return {
+        "model": metadata.get("model", "efficientnet_b0"),
+        "class_names": classifier.class_names,
+        "image_size": classifier.image_size,
+        "mean": metadata.get("mean"),
+        "std": metadata.get("std"),
+        "version": {"braintumor": __version__, "weights": path.name if path else None, "sha256": digest},
+        "backend": classifier.backend,
+        "temperature": classifier.temperature,
+        "uncertainty_threshold": classifier.uncertainty_threshold,
+        "ood_guard": classifier.guard is not None,
+        "tta": classifier.tta,
+        "explain": classifier.model is not None,
+        "metrics": {"test": metadata.get("test_metrics"), "validation": metadata.get("validation")},
+        "recipe": metadata.get("recipe"),
+    }
+
+
+def _predictions(classifier: Classifier, scans: list[list[Slice]]) -> list[dict[str, Any]]:
+    """The ``predict --json`` array for already-read scans: one object per slice, then volumes."""
+    results = classifier.predict_slices([s for scan in scans for s in scan])
+    objects = [r.to_dict() for r in results]
+    volumes: dict[str, list[Prediction]] = {}
+    for result in results:
+        if result.volume:
+            volumes.setdefault(result.path.split("#")[0], []).append(result)
+    objects.extend(volume_object(v) for v in volumes.values())
+    return objects
+
+
+def create_app(classifier: Classifier, limits: ServiceLimits | None = None, workers: int = 1) -> FastAPI:
+    """The service around an already loaded classifier (load once, serve many requests)."""
+    limits = limits or ServiceLimits()
+    limiter = CapacityLimiter(workers)
+    info = model_info(classifier)
+    page = (resources.files("braintumor") / "static" / "index.html").read_text(encoding="utf-8")
+    app = FastAPI(
+        title="braintumor",
+        version=__version__,
+        description="Brain MRI slice classification (glioma, meningioma, pituitary tumour, no tumour) with "
+        "Grad-CAM explanations. Research and second-opinion use only; not a diagnostic device.",
+    )
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"malformed request ({problems})"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _request_size(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
+            return JSONResponse(
+                {"error": f"request body of {length} bytes is over the {limits.max_request_bytes / 2**20:g} MiB limit"},
+                status_code=413,
+            )
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the model is loaded and the server answers."""
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        """Class order, input size, version, calibration and metrics of the loaded model."""
+        return info
+
+    @app.post("/v1/predict")
+    async def predict(files: list[UploadFile] = File(..., description="One or more scans.")) -> JSONResponse:
+        """Classify each uploaded scan; the same JSON objects as ``braintumor predict --json``."""
+        if len(files) > limits.max_files:
+            raise ServiceError(413, f"{len(files)} files in one request; the limit is {limits.max_files}")
+        with tempfile.TemporaryDirectory(prefix="braintumor-") as folder:
+            saved = [await to_thread.run_sync(_save, upload, Path(folder), k, limits) for k, upload in enumerate(files)]
+            scans = [await to_thread.run_sync(_read, path, shown, limiter=limiter) for path, shown in saved]
+            objects = await to_thread.run_sync(_predictions, classifier, scans, limiter=limiter)
+        return JSONResponse(objects)
+
+    @app.post("/v1/explain", response_model=None)
+    async def explain(
+        file: UploadFile = File(..., description="One scan."),
+        format: str = Query("png", pattern="^(png|json)$", description="png: the figure; json: prediction and images."),
+        method: str = Query(DEFAULT_CAM_METHOD, description=f"One of {', '.join(METHODS)}."),
+        target: str | None = Query(None, description="Class to explain (default: the predicted class)."),
+        index: int | None = Query(None, ge=0, description="Frame or slice of a multi-slice file (default: the middle one)."),
+    ) -> Response:
+        """Grad-CAM heat map of one scan (one slice of a volume or multi-frame DICOM)."""
+        if classifier.model is None:
+            raise ServiceError(501, "this server runs an ONNX file; Grad-CAM needs the .safetensors weights")
+        if method not in METHODS:
+            raise ServiceError(422, f"method {method!r} is not one of {', '.join(METHODS)}")
+        if target is not None and target not in classifier.class_names:
+            raise ServiceError(422, f"target {target!r} is not one of {', '.join(classifier.class_names)}")
+        with tempfile.TemporaryDirectory(prefix="braintumor-") as folder:
+            path, shown = await to_thread.run_sync(_save, file, Path(folder), 0, limits)
+            slices = await to_thread.run_sync(_read, path, shown, limiter=limiter)
+        chosen = len(slices) // 2 if index is None else index
+        if chosen >= len(slices):
+            raise ServiceError(422, f"{shown}: index {chosen} is out of range; the file has {len(slices)} slice(s)")
+        item = slices[chosen]
+
+        def run() -> tuple[Any, bytes]:
+            explanation = classifier.explain([item.pixels], method=method, target=target, layer=DEFAULT_CAM_LAYER)[0]
+            explanation.prediction.path, explanation.prediction.index = item.source, item.index
+            buffer = io.BytesIO()
+            explanation.save_png(buffer)
+            return explanation, buffer.getvalue()
+
+        try:
+            explanation, figure = await to_thread.run_sync(run, limiter=limiter)
+        except BraintumorError as exc:
+            raise ServiceError(422, str(exc)) from None
+        if format == "png":
+            return Response(figure, media_type="image/png")
+        assert explanation.pixels is not None and explanation.heatmap is not None
+        return JSONResponse({
+            "prediction": explanation.prediction.to_dict(),
+            "target": explanation.target,
+            "method": method,
+            "layer": explanation.layer,
+            "n_slices": len(slices),
+            "scan_png": base64.b64encode(_png(explanation.pixels)).decode("ascii"),
+            "overlay_png": base64.b64encode(_png(overlay(explanation.pixels, explanation.heatmap))).decode("ascii"),
+        })
+
+    return app

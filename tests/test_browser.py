@@ -1,0 +1,66 @@
+"""End to end in a real browser: Debian's headless Chromium, driven by Playwright, against the
+service on loopback. Upload a bundled scan on the page and read the predicted class off it.
+
+Playwright cannot download its own browser here, so it drives ``/usr/bin/chromium`` (Debian's
+``chromium`` package, which ``.ci/run`` installs). Without it the test is skipped, unless
+``BRAINTUMOR_REQUIRE_BROWSER=1`` (set by CI) makes a missing browser a failure. Screenshots go
+to ``BRAINTUMOR_SCREENSHOT_DIR`` when set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, live_server
+
+from braintumor.predict import load_model
+from braintumor.serve import create_app
+
+CHROMIUM = Path(os.environ.get("BRAINTUMOR_CHROMIUM", "/usr/bin/chromium"))
+# Without the background-networking flags Chromium keeps trying to reach Google on a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("BRAINTUMOR_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing; install Debian's chromium package")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        instance.close()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}], ids=["laptop", "phone"])
+def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp_path: Path) -> None:
+    scan = EXAMPLES / "pituitary" / "Te-pi_0017.jpg"
+    with live_server(create_app(load_model(device="cpu"))) as url:
+        page = browser.new_page(viewport=viewport)
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('Testing accuracy')")
+        page.set_input_files("#files", str(scan))
+        card = page.locator(".result").first
+        card.locator("[data-testid=label]").wait_for(timeout=60_000)
+        assert card.locator("h2").inner_text() == scan.name
+        assert card.locator("[data-testid=label]").inner_text() == "pituitary"
+        assert card.locator(".bar").count() == 4
+        images = card.locator("img")
+        assert images.count() == 2 and all(images.nth(k).evaluate("i => i.naturalWidth > 0") for k in range(2))
+        shots = Path(os.environ.get("BRAINTUMOR_SCREENSHOT_DIR", tmp_path))  # docs/serving/ holds committed ones
+        page.screenshot(path=str(shots / f"page-{viewport['width']}.png"), full_page=True)
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        assert page_width <= viewport["width"]  # nothing overflows sideways on a phone
+        page.set_input_files("#files", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a scan"})
+        error = page.locator(".result").first.locator("[data-testid=error]")
+        error.wait_for(timeout=30_000)
+        assert "unsupported file type" in error.inner_text()
+        page.close()

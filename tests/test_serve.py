@@ -1,0 +1,190 @@
+"""The HTTP service through httpx: status codes, JSON shapes, every limit, isolation, the page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import EXAMPLES, live_server, write_dicom
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from braintumor.cli import app as cli_app
+from braintumor.predict import Classifier, load_model
+from braintumor.serve import ServiceLimits, create_app
+
+LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4)
+SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(classifier: Classifier) -> TestClient:
+    return TestClient(create_app(classifier, LIMITS))
+
+
+def _upload(path: Path, field: str = "files") -> tuple[str, tuple[str, bytes, str]]:
+    return field, (path.name, path.read_bytes(), "application/octet-stream")
+
+
+def test_health_and_model_information(client: TestClient, classifier: Classifier) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/v1/model").json()
+    assert info["class_names"] == classifier.class_names == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert info["image_size"] == 224 and info["backend"] == "torch" and info["ood_guard"] is True
+    assert len(info["version"]["sha256"]) == 64 and info["version"]["weights"].endswith(".safetensors")
+    assert 0.98 <= info["metrics"]["test"]["accuracy"] <= 1.0
+    assert info["uncertainty_threshold"] == pytest.approx(classifier.uncertainty_threshold)
+
+
+def test_predict_answers_what_the_python_api_answers(client: TestClient, classifier: Classifier) -> None:
+    chosen = SCANS[:3]
+    response = client.post("/v1/predict", files=[_upload(p) for p in chosen])
+    assert response.status_code == 200
+    objects = response.json()
+    assert [o["path"] for o in objects] == [p.name for p in chosen]
+    for obj, path in zip(objects, chosen):
+        expected = classifier.predict(path)[0]
+        assert obj["label"] == expected.label == path.parent.name
+        assert set(obj) >= {"label", "confidence", "probabilities", "uncertain", "not_brain_mri"}
+        for name, value in expected.probabilities.items():
+            assert obj["probabilities"][name] == pytest.approx(value, abs=1e-6)
+
+
+def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_path: Path) -> None:
+    dicom = write_dicom(tmp_path / "series.dcm", np.stack([np.eye(32) * 900, np.ones((32, 32)) * 300]))
+    volume = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((24, 24, 5)).astype(np.float32), np.eye(4)), volume)
+    response = client.post("/v1/predict", files=[_upload(dicom), _upload(volume)])
+    assert response.status_code == 200, response.text
+    objects = response.json()
+    assert [o["path"] for o in objects[:2]] == ["series.dcm#frame=0", "series.dcm#frame=1"]
+    assert [o["index"] for o in objects[2:7]] == list(range(5))
+    [summary] = [o for o in objects if o.get("kind") == "volume"]
+    assert summary["path"] == "head.nii.gz" and summary["summary"]["n_slices"] == 5
+
+
+def _truncated_jpeg() -> bytes:
+    return SCANS[0].read_bytes()[:2000]
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "message"),
+    [
+        ([("files", ("a.jpg", SCANS[0].read_bytes(), "image/jpeg"))] * 5, 413, "5 files in one request; the limit is 4"),
+        ([("files", ("big.png", b"\x89PNG" + bytes(400_000), "image/png"))], 413, "big.png: larger than"),
+        ([("files", ("notes.txt", b"hello, radiologist", "text/plain"))], 415, "notes.txt: unsupported file type"),
+        ([("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))], 422, "cut.jpg: "),
+        ([("files", ("empty.png", b"", "image/png"))], 422, "empty.png: file is empty"),
+        ([("files", ("fake.dcm", b"DICM" * 100, "application/dicom"))], 422, "fake.dcm: DICOM file has no pixel data"),
+        ([("other", ("a.jpg", b"x", "image/jpeg"))], 422, "malformed request"),
+    ],
+)
+def test_limits_and_bad_files_get_json_errors(client: TestClient, files: list, status: int, message: str) -> None:
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+
+
+def test_an_oversized_request_is_refused_before_its_body_is_read(client: TestClient) -> None:
+    body = bytes(LIMITS.max_request_bytes + 1)
+    response = client.post("/v1/predict", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and "over the" in response.json()["error"]
+
+
+def test_a_bad_upload_does_not_disturb_the_next_request(client: TestClient) -> None:
+    assert client.post("/v1/predict", files=[("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))]).status_code == 422
+    assert client.post("/v1/predict", content=b"not multipart", headers={"content-type": "text/plain"}).status_code == 422
+    good = client.post("/v1/predict", files=[_upload(SCANS[0])])
+    assert good.status_code == 200 and good.json()[0]["label"] == SCANS[0].parent.name
+    assert client.get("/healthz").status_code == 200
+
+
+def test_explain_returns_a_figure_or_json_with_images(client: TestClient) -> None:
+    scan = SCANS[0]
+    figure = client.post("/v1/explain", files=[_upload(scan, "file")])
+    assert figure.status_code == 200 and figure.headers["content-type"] == "image/png"
+    assert figure.content.startswith(b"\x89PNG")
+    response = client.post("/v1/explain", params={"format": "json", "target": "pituitary"}, files=[_upload(scan, "file")])
+    data = response.json()
+    assert data["prediction"]["path"] == scan.name and data["target"] == "pituitary" and data["method"] == "layercam"
+    original = Image.open(scan).size
+    for key in ("scan_png", "overlay_png"):
+        image = Image.open(io.BytesIO(base64.b64decode(data[key])))
+        assert image.size == original
+    predicted = client.post("/v1/predict", files=[_upload(scan)]).json()[0]
+    assert data["prediction"]["label"] == predicted["label"]
+    assert data["prediction"]["confidence"] == pytest.approx(predicted["confidence"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"method": "magic"}, "method 'magic'"), ({"target": "cat"}, "target 'cat'"), ({"index": 3}, "index 3 is out of range"),
+     ({"format": "gif"}, "malformed request")],
+)
+def test_explain_rejects_bad_parameters(client: TestClient, params: dict, message: str) -> None:
+    response = client.post("/v1/explain", params=params, files=[_upload(SCANS[0], "file")])
+    assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_the_page_is_self_contained(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert "v1/explain" in text and 'name="viewport"' in text
+    assert "http://" not in text and "https://" not in text and "@import" not in text  # no CDN, no web fonts
+    assert client.get("/docs").status_code == 200
+    assert {"/v1/predict", "/v1/explain", "/v1/model", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_concurrent_requests_each_get_their_own_answer(classifier: Classifier) -> None:
+    expected = {p.name: classifier.predict(p)[0] for p in SCANS[:6]}
+    with live_server(create_app(classifier, LIMITS, workers=2)) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def ask(path: Path) -> dict:
+            response = http.post("/v1/predict", files=[_upload(path)])
+            assert response.status_code == 200
+            return response.json()[0]
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(ask, SCANS[:6] * 3))
+    for answer, path in zip(answers, SCANS[:6] * 3):
+        assert answer["path"] == path.name and answer["label"] == expected[path.name].label
+        assert answer["confidence"] == pytest.approx(expected[path.name].confidence, abs=1e-5)
+
+
+def test_onnx_backend_serves_the_same_answers(client: TestClient, shipped_onnx: Path) -> None:
+    onnx_client = TestClient(create_app(load_model(shipped_onnx), LIMITS))
+    assert onnx_client.get("/v1/model").json()["backend"] == "onnx"
+    files = [_upload(p) for p in SCANS[:4]]
+    torch_answers, onnx_answers = client.post("/v1/predict", files=files).json(), onnx_client.post("/v1/predict", files=files).json()
+    for a, b in zip(torch_answers, onnx_answers):
+        assert a["label"] == b["label"]
+        assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) <= 1e-4
+    response = onnx_client.post("/v1/explain", files=[_upload(SCANS[0], "file")])
+    assert response.status_code == 501 and "Grad-CAM needs" in response.json()["error"]
+
+
+def test_serve_command_reports_bad_weights_and_busy_ports_in_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--weights", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 2
+    assert "missing.safetensors" in result.output and "Traceback" not in result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(cli_app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
