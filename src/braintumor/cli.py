@@ -69,6 +69,8 @@ def train(
     except BraintumorError as exc:
         _fail(str(exc))
     best = result["best"]
+    if best is None:  # not rank 0 of a torchrun job: rank 0 reports
+        return
     score = "no validation" if best["val_accuracy"] is None else f"val accuracy {best['val_accuracy']:.4f}"
     typer.echo(f"kept epoch {best['epoch']} ({score}); weights in {out / 'best.safetensors'}")
 

@@ -37,6 +37,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    dropout: float = 0.2
+    stochastic_depth: float = 0.2
     image_size: int = 224
     init: str = "lite0"
     augment: bool = True
@@ -65,6 +67,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}")
     _check(config.batch_size >= 2, f"batch_size must be at least 2 (batch norm), got {config.batch_size}")
     _check(config.lr > 0, f"lr must be positive, got {config.lr}")
+    for key in ("dropout", "stochastic_depth"):
+        _check(0.0 <= getattr(config, key) < 1.0, f"{key} must be in [0, 1), got {getattr(config, key)}")
     _check(0.0 <= config.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     _check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
@@ -110,7 +114,7 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
     for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
             raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
-    for key in ("lr", "weight_decay", "label_smoothing", "val_fraction"):
+    for key in ("lr", "weight_decay", "label_smoothing", "dropout", "stochastic_depth", "val_fraction"):
         if key in values and not isinstance(values[key], (int, float)):
             raise ConfigError(f"{key} must be a number, got {values[key]!r}")
     return validate(TrainConfig(**values))

@@ -71,9 +71,17 @@ def train_one_epoch(
     progress: bool = True,
     description: str = "train",
     label_smoothing: float = 0.0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
     dropped so batch norm never sees a batch of one.
+
+    Distributed (``world_size`` > 1): every process draws the same order and the same augmentation
+    for the whole global batch of ``batch_size`` images, then trains on its own slice of
+    ``batch_size // world_size``; with DistributedDataParallel averaging the gradients, a step sees
+    the same images as a single process with the same global batch. The returned figures are this
+    process's share (``training.fit`` sums them over processes).
 
     Returns:
         Mean loss, accuracy, images seen, wall seconds and images per second.
@@ -81,15 +89,20 @@ def train_one_epoch(
     model.train()
     order = torch.randperm(len(pixels), generator=generator)
     n_batches = len(order) // batch_size
-    total_loss, correct, seen = 0.0, 0, 0
+    local = batch_size // world_size
+    # Running sums stay on the device: reading them every step would stall a GPU.
+    total_loss = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    seen = 0
     started = time.perf_counter()
     bar = tqdm(range(n_batches), desc=description, unit="batch", disable=not progress, leave=False)
     for step in bar:
         index = order[step * batch_size : (step + 1) * batch_size]
-        batch = pixels[index]
-        floats = augment(batch.to(runtime.device), augmentation, generator) if augmentation else batch
-        inputs = runtime.to_input(normalise(floats.to(runtime.device)))
-        targets = labels[index].to(runtime.device)
+        batch = pixels[index.to(pixels.device)].to(runtime.device, non_blocking=True)
+        floats = augment(batch, augmentation, generator) if augmentation else batch
+        mine = slice(rank * local, (rank + 1) * local)
+        inputs = runtime.to_input(normalise(floats[mine]))
+        targets = labels[index.to(labels.device)][mine].to(runtime.device, non_blocking=True)
         with runtime.autocast():
             logits = model(inputs)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -102,14 +115,15 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(index)
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(index)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        total_loss += loss.detach() * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
+        seen += len(targets)
+        if progress and (step % 10 == 9 or step == n_batches - 1):
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}")
     seconds = time.perf_counter() - started
     return {
-        "loss": total_loss / max(seen, 1),
-        "accuracy": correct / max(seen, 1),
+        "loss": float(total_loss) / max(seen, 1),
+        "accuracy": int(correct) / max(seen, 1),
         "images": seen,
         "seconds": seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,

@@ -28,9 +28,13 @@ FEATURE_DIM = 1280
 SE_GATE_BIAS = 2.0
 
 
-def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES)) -> nn.Module:
-    """torchvision EfficientNet-B0 with ``classifier[1]`` replaced by ``Linear(1280, num_classes)``."""
-    model = efficientnet_b0(weights=None)
+def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES), dropout: float = 0.2, stochastic_depth: float = 0.2) -> nn.Module:
+    """torchvision EfficientNet-B0 with ``classifier[1]`` replaced by ``Linear(1280, num_classes)``.
+
+    ``dropout`` (before the classifier) and ``stochastic_depth`` (the chance of skipping a block,
+    scaled up with depth) are torchvision's defaults; they act in training only.
+    """
+    model = efficientnet_b0(weights=None, dropout=dropout, stochastic_depth_prob=stochastic_depth)
     model.classifier[1] = nn.Linear(FEATURE_DIM, num_classes)
     return model
 
@@ -110,9 +114,11 @@ def load_imagenet_weights(model: nn.Module) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def create_model(init: str = "lite0", num_classes: int = len(CLASS_NAMES)) -> nn.Module:
+def create_model(
+    init: str = "lite0", num_classes: int = len(CLASS_NAMES), dropout: float = 0.2, stochastic_depth: float = 0.2
+) -> nn.Module:
     """A B0 classifier initialised as ``init`` says (one of ``INITS`` or a weights path)."""
-    model = build_efficientnet_b0(num_classes)
+    model = build_efficientnet_b0(num_classes, dropout, stochastic_depth)
     if init == "lite0":
         load_lite0_into_b0(model)
     elif init == "imagenet":

@@ -7,6 +7,12 @@ The run folder holds:
 - ``best.safetensors``: the weights with the best validation accuracy, with their metadata;
 - ``last.pt``: model, optimizer, scheduler and random state after the last finished epoch, for
   ``--resume``. Resuming replays nothing: the next epoch starts from exactly that state.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same function trains with DistributedDataParallel:
+each process takes its slice of every global batch (see ``engine.train_one_epoch``), gradients
+and epoch metrics are reduced across processes, and only rank 0 validates and writes the run
+folder. NCCL on CUDA (one GPU per process, SyncBatchNorm), gloo on the CPU (with
+``distributed.GlobalBatchNorm2d``, as PyTorch's SyncBatchNorm needs a GPU).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .checkpoint import load_training_state, save_training_state, save_weights
 from .config import TrainConfig
 from .constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
 from .data import fingerprint, group_split, load_split, resolve_split_dir
+from .distributed import convert_batch_norm, init_distributed
 from .duplicates import group_near_duplicates
 from .engine import Runtime, predict_logits, select_runtime, train_one_epoch
 from .errors import ConfigError
@@ -151,7 +158,8 @@ def _start_run_folder(config: TrainConfig, data: TrainingData) -> None:
 
 
 def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train as ``config`` says, writing the run folder; returns the best epoch's summary.
+    """Train as ``config`` says, writing the run folder; returns the best epoch's summary (on the
+    processes other than rank 0 of a distributed run, ``best`` is None: rank 0 keeps the record).
 
     Raises:
         ConfigError: the run folder already holds a run and ``resume`` is off, or nothing to resume.
@@ -161,17 +169,34 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if last_path.exists() and not config.resume:
         raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
     state = load_training_state(last_path) if config.resume else None
+    group = init_distributed(config)
+    progress = progress and group.main
     torch.manual_seed(config.seed)
+    if not group.main:
+        group.barrier()  # rank 0 fills the decoded-image cache first; the others then read it
     data = prepare_data(config, progress)
+    if group.main:
+        group.barrier()
     runtime = select_runtime(config.device, config.amp)
-    logger.info(
-        "training on %d images, validating on %d (%s), skipped %d unreadable; device %s, autocast %s",
-        len(data.train_index), len(data.val_index), class_counts_line(data), len(data.skipped),
-        runtime.device, runtime.amp_dtype,
-    )
-    model = create_model(config.init if state is None else "none").to(runtime.device)
+    if group.main:
+        logger.info(
+            "training on %d images, validating on %d (%s), skipped %d unreadable; device %s, autocast %s, %d process(es)",
+            len(data.train_index), len(data.val_index), class_counts_line(data), len(data.skipped),
+            runtime.device, runtime.amp_dtype, group.world_size,
+        )
+    model = create_model(config.init if state is None else "none", dropout=config.dropout, stochastic_depth=config.stochastic_depth)
+    model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    network: torch.nn.Module = model
+    if group.enabled:  # batch norm over the global batch, so N processes train what one would
+        if runtime.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_batch_norm(model)
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[group.local_rank] if runtime.device.type == "cuda" else None
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(data.train_index) // config.batch_size
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
@@ -180,7 +205,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
     if state is None:
-        _start_run_folder(config, data)
+        if group.main:
+            _start_run_folder(config, data)
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -190,16 +216,32 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         history, best = state["history"], state["best"]
         if state["fingerprint"] != data.fingerprint:
             raise ConfigError(f"{config.data}: Training data differs from the data this run started on; cannot resume")
-        logger.info("resuming %s after epoch %d", config.out, len(history))
+        if group.main:
+            logger.info("resuming %s after epoch %d", config.out, len(history))
     train_pixels = data.pixels[torch.from_numpy(data.train_index)]
     train_labels = data.labels[torch.from_numpy(data.train_index)]
+    if runtime.device.type == "cuda":  # the whole decoded set fits on a GPU: no host copies per step
+        train_pixels, train_labels = train_pixels.to(runtime.device), train_labels.to(runtime.device)
     augmentation = AugmentConfig() if config.augment else None
     for epoch in range(len(history) + 1, config.epochs + 1):
+        if group.enabled:  # own dropout masks per process, reproducible per epoch (and on resume)
+            torch.manual_seed(config.seed + 1_000_003 * epoch + group.rank)
         train = train_one_epoch(
-            model, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
+            network, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
             augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}",
-            label_smoothing=config.label_smoothing,
+            label_smoothing=config.label_smoothing, rank=group.rank, world_size=group.world_size,
         )
+        if group.enabled:
+            loss_sum, correct, images, seconds = group.sum(
+                [train["loss"] * train["images"], train["accuracy"] * train["images"], train["images"], train["seconds"]]
+            )
+            seconds /= group.world_size
+            train = {
+                "loss": loss_sum / images, "accuracy": correct / images, "images": images,
+                "seconds": seconds, "images_per_second": images / seconds,
+            }
+        if not group.main:
+            continue  # rank 0 validates and writes; the others go on to the next epoch
         val = validate_epoch(model, data, runtime, config.batch_size)
         row = {
             "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
@@ -225,6 +267,9 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "epoch %d/%d  train loss %.4f acc %.4f  %s  %.0f img/s%s", epoch, config.epochs, train["loss"],
             train["accuracy"], validation, train["images_per_second"], "  (best)" if improved else "",
         )
+    group.barrier()
+    if not group.main:
+        return {"best": None, "history": [], "run_dir": str(config.out)}
     return {"best": best, "history": history, "run_dir": str(config.out)}
 
 
