@@ -38,9 +38,12 @@ from torchvision import transforms
 
 from braintumor import __version__, load_model
 from braintumor.cache import load_cached
+from braintumor.checkpoint import load_weights
 from braintumor.data import load_split
 from braintumor.engine import cpu_supports_bf16, select_runtime, train_one_epoch
-from braintumor.models import create_model
+from braintumor.models import build_efficientnet_b0, create_model
+from braintumor.ood import split_guard
+from braintumor.predict import default_weights_path
 from braintumor.transforms import AugmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +74,16 @@ def machine() -> str:
 
 def plain_inference(paths: list[Path], batch_size: int = 32) -> np.ndarray:
     """The original work's loop: per-image PIL + torchvision transforms, eager fp32, NCHW."""
-    model = load_model(device="cpu").model.to(memory_format=torch.contiguous_format).float().eval()
+    classifier = load_model(device="cpu")  # for its temperature; the network is built plainly
+    model = build_efficientnet_b0()
+    model.load_state_dict(split_guard(load_weights(default_weights_path())[0])[0])
+    model.eval()
     outputs = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
             batch = torch.stack([PLAIN_TRANSFORM(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]])
-            outputs.append(torch.softmax(model(batch), 1).numpy())
+            # The shipped temperature, so probabilities compare with the predict path's.
+            outputs.append(torch.softmax(model(batch) / classifier.temperature, 1).numpy())
     return np.concatenate(outputs)
 
 
@@ -216,18 +223,29 @@ def bench_training(data: Path, steps: int) -> list[dict]:
 # ---------------------------------------------------------------- memory
 
 
+# Runs the command line in a fresh interpreter and prints its own high-water mark (VmHWM, which
+# starts afresh at exec: the parent's memory, shared after fork, is not counted as ru_maxrss would).
+PEAK_WRAPPER = """
+import atexit, re, sys
+atexit.register(lambda: print("VmHWM_KiB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1), file=sys.stderr))
+from braintumor.cli import main
+sys.argv = ["braintumor", *sys.argv[1:]]
+main()
+"""
+
+
 def peak_memory_of_predict(folder: Path) -> tuple[float, float, int]:
     """(peak RSS MiB, seconds, files) of ``braintumor predict FOLDER --csv`` in a fresh process."""
     out = folder.parent / f"{folder.name}.csv"
-    command = [sys.executable, "-m", "braintumor", "predict", str(folder), "--csv", str(out)]
+    command = [sys.executable, "-c", PEAK_WRAPPER, "predict", str(folder), "--csv", str(out)]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, whatever ran before
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) not in (0, 1):
-        raise SystemExit(f"error: `{' '.join(command)}` failed")
+    peaks = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("VmHWM_KiB")]
+    if result.returncode not in (0, 1) or not peaks:
+        raise SystemExit(f"error: braintumor predict failed: {result.stderr[-500:]}")
     files = sum(1 for _ in open(out)) - 1
-    return usage.ru_maxrss / 1024, seconds, files
+    return int(peaks[-1]) / 1024, seconds, files
 
 
 def bench_memory(data: Path) -> list[dict]:
@@ -251,6 +269,11 @@ def bench_memory(data: Path) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 
+def _section(title: str, columns: list[str], rows: list[str], note: str = "") -> list[str]:
+    """A Markdown section: heading, table, optional note."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows, "", *([note, ""] if note else [])]
+
+
 def write_results(path: Path, command: str, inference: list[dict], training: list[dict], memory: list[dict]) -> None:
     lines = [
         "# Benchmark results", "",
@@ -258,29 +281,28 @@ def write_results(path: Path, command: str, inference: list[dict], training: lis
         f"Command: `{command}` (all figures from that one run, each variant against the baseline in the same run).", "",
     ]
     if inference:
-        lines += [
-            "## Inference: JPEG files of the Testing split (1,311) to probabilities", "",
-            "| variant | images/s | vs plain loop | accuracy | predictions changed | max probability change |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['variant']} | {r['images_per_second']:.1f} | x{r['speedup']:.2f} | {r['accuracy']:.4f} | {r['changed']} | "
-                  f"{r['max_probability_change']:.1e} |" for r in inference]
-        lines += ["", "Accuracy here is the argmax of the probabilities on all 1,311 images (the out-of-distribution "
-                  "guard's refusals are not applied), so every variant is scored the same way.", ""]
+        lines += _section(
+            "Inference: JPEG files of the Testing split (1,311) to probabilities",
+            ["variant", "images/s", "vs plain loop", "accuracy", "predictions changed", "max probability change"],
+            [f"| {r['variant']} | {r['images_per_second']:.1f} | x{r['speedup']:.2f} | {r['accuracy']:.4f} | {r['changed']} | "
+             f"{r['max_probability_change']:.1e} |" for r in inference],
+            "Accuracy here is the argmax of the probabilities on all 1,311 images (the out-of-distribution "
+            "guard's refusals are not applied), so every variant is scored the same way.",
+        )
     if training:
-        lines += [
-            "## Training: images/s over the same batches of 32 (with the shipped recipe's augmentation for braintumor)", "",
-            "| variant | images/s | vs plain loop | minutes per epoch (5,137 images) | 20 epochs, minutes |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['variant']} | {r['images_per_second']:.1f} | x{r['speedup']:.2f} | {r['epoch_minutes']:.1f} | "
-                  f"{r['recipe_minutes']:.0f} |" for r in training]
-        lines += ["", f"Validation adds about {VAL_IMAGES} predictions per epoch (a few seconds).", ""]
+        lines += _section(
+            "Training: images/s over the same batches of 32 (with the shipped recipe's augmentation for braintumor)",
+            ["variant", "images/s", "vs plain loop", "minutes per epoch (5,137 images)", "20 epochs, minutes"],
+            [f"| {r['variant']} | {r['images_per_second']:.1f} | x{r['speedup']:.2f} | {r['epoch_minutes']:.1f} | "
+             f"{r['recipe_minutes']:.0f} |" for r in training],
+            f"Validation adds about {VAL_IMAGES} predictions per epoch (a few seconds).",
+        )
     if memory:
-        lines += ["## Memory: `braintumor predict FOLDER --csv out.csv` in a fresh process", "",
-                  "| files | peak resident memory, MiB | images/s |", "|---|---|---|"]
-        lines += [f"| {r['files']:,} | {r['peak_mib']:.0f} | {r['images_per_second']:.1f} |" for r in memory]
-        lines += [""]
+        lines += _section(
+            "Memory: `braintumor predict FOLDER --csv out.csv` in a fresh process",
+            ["files", "peak resident memory, MiB", "images/s"],
+            [f"| {r['files']:,} | {r['peak_mib']:.0f} | {r['images_per_second']:.1f} |" for r in memory],
+        )
     path.write_text("\n".join(lines))
 
 

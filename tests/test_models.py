@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,14 @@ from torch import nn
 from braintumor.errors import ConfigError
 from torchvision.ops.misc import SqueezeExcitation
 
-from braintumor.models import SE_GATE_BIAS, _lite0_state_dict, build_efficientnet_b0, create_model, load_lite0_into_b0
+from braintumor.models import (
+    SE_GATE_BIAS,
+    _lite0_state_dict,
+    build_efficientnet_b0,
+    create_model,
+    fold_batch_norm,
+    load_lite0_into_b0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +117,19 @@ def test_lite0_init_is_deterministic_under_a_seed() -> None:
     second = create_model("lite0").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert np.isfinite(first["classifier.1.weight"].numpy()).all()
+
+
+def test_folding_batch_norm_keeps_the_outputs_and_the_layer_names() -> None:
+    torch.manual_seed(0)
+    model = build_efficientnet_b0().eval()
+    for module in model.modules():  # non-trivial statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    inputs = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = model(inputs)
+        folded = fold_batch_norm(copy.deepcopy(model))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(inputs), expected, atol=1e-4)
+    assert {name for name, _ in folded.named_modules()} >= {"features.5", "features.8", "classifier.1"}

