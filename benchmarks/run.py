@@ -131,6 +131,7 @@ def bench_inference(data: Path, repeats: int) -> list[dict]:
         ("braintumor predict, bf16 autocast, 1 decode thread", braintumor_inference(paths, amp=True, workers=1)),
         ("braintumor predict, ONNX Runtime fp32 (--backend onnx)", braintumor_inference(paths, backend="onnx")),
         ("braintumor predict, ONNX Runtime, batch 64", braintumor_inference(paths, backend="onnx", batch_size=64)),
+        ("braintumor predict, ONNX Runtime, batch 128", braintumor_inference(paths, backend="onnx", batch_size=128)),
     ]
     rows, baseline = [], None
     for name, function in variants:

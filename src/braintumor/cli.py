@@ -153,6 +153,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
     backend: Optional[str] = typer.Option(None, help="torch or onnx (ONNX Runtime); default: onnx for an .onnx --weights file, else torch."),
+    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 autocast: faster where the hardware has it; changes a few borderline predictions (benchmarks/RESULTS.md)."),
 ) -> None:
     """Classify scans: class, its probability and all four probabilities for each image.
 
@@ -167,7 +168,7 @@ def predict(
     _setup_logging()
     try:
         files = expand_inputs(paths)
-        classifier = load_model(weights, device=device, tta=tta, backend=backend)
+        classifier = load_model(weights, device=device, tta=tta, backend=backend, amp=amp)
     except BraintumorError as exc:
         _fail(str(exc))
     if not files:
@@ -308,6 +309,7 @@ def serve(
     backend: Optional[str] = typer.Option(None, help="torch or onnx; default: onnx for an .onnx file, else torch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation for every prediction."),
+    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 autocast (torch backend): faster, changes a few borderline predictions."),
     max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, min=1, help="Most files in one request."),
     workers: int = typer.Option(1, min=1, help="Model calls run at the same time."),
@@ -319,7 +321,7 @@ def serve(
     _setup_logging()
     _check_can_listen(host, port)  # before the model loads: a busy port should fail at once
     try:
-        classifier = load_model(weights, device=device, tta=tta, backend=backend)
+        classifier = load_model(weights, device=device, tta=tta, backend=backend, amp=amp)
     except BraintumorError as exc:
         _fail(str(exc))
     import uvicorn
