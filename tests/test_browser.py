@@ -9,6 +9,7 @@ to ``BRAINTUMOR_SCREENSHOT_DIR`` when set.
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -59,6 +60,17 @@ def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp
         page.screenshot(path=str(shots / f"page-{viewport['width']}.png"), full_page=True)
         page_width = page.evaluate("document.documentElement.scrollWidth")
         assert page_width <= viewport["width"]  # nothing overflows sideways on a phone
+        dropped = EXAMPLES / "glioma" / "Te-gl_0010.jpg"  # drag and drop, as from a file manager
+        transfer = page.evaluate_handle(
+            """([name, b64]) => { const data = new DataTransfer();
+                 const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                 data.items.add(new File([bytes], name, {type: "image/jpeg"})); return data; }""",
+            [dropped.name, base64.b64encode(dropped.read_bytes()).decode()],
+        )
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        card = page.locator(".result").first
+        card.locator("[data-testid=label]").wait_for(timeout=60_000)
+        assert card.locator("h2").inner_text() == dropped.name and card.locator("[data-testid=label]").inner_text() == "glioma"
         page.set_input_files("#files", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a scan"})
         error = page.locator(".result").first.locator("[data-testid=error]")
         error.wait_for(timeout=30_000)
