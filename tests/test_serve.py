@@ -105,6 +105,21 @@ def test_an_oversized_request_is_refused_before_its_body_is_read(client: TestCli
     assert response.status_code == 413 and "over the" in response.json()["error"]
 
 
+def test_an_oversized_chunked_upload_is_cut_off_while_it_streams(client: TestClient) -> None:
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"huge.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    def body():  # no Content-Length: the client streams it chunked
+        yield head
+        for _ in range(LIMITS.max_request_bytes // 65536 + 2):
+            yield bytes(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/v1/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and "request body is over" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
 def test_a_bad_upload_does_not_disturb_the_next_request(client: TestClient) -> None:
     assert client.post("/v1/predict", files=[("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))]).status_code == 422
     assert client.post("/v1/predict", content=b"not multipart", headers={"content-type": "text/plain"}).status_code == 422

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from anyio import CapacityLimiter, to_thread
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -66,6 +66,38 @@ class ServiceError(Exception):
         self.message = message
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``limit`` bytes with 413, from Content-Length
+    before anything is read, and while reading a body sent without one (chunked), so no upload
+    can fill the disk the multipart parser spools to."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body is over the {self.limit / 2**20:.3g} MiB limit"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.limit:
+                # FastAPI passes its own HTTPException through body parsing (others become a 400).
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
+
+
 def _safe_name(name: str | None, number: int) -> str:
     """The upload's base name with only harmless characters; keeps the suffix (type detection)."""
     base = Path(name or "").name
@@ -85,7 +117,7 @@ def _save(upload: UploadFile, folder: Path, number: int, limits: ServiceLimits) 
         while chunk := upload.file.read(CHUNK):
             size += len(chunk)
             if size > limits.max_file_bytes:
-                raise ServiceError(413, f"{shown}: larger than the {limits.max_file_bytes / 2**20:g} MiB limit per file")
+                raise ServiceError(413, f"{shown}: larger than the {limits.max_file_bytes / 2**20:.3g} MiB limit per file")
             handle.write(chunk)
     return target, shown
 
@@ -170,15 +202,7 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _request_size(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
-            return JSONResponse(
-                {"error": f"request body of {length} bytes is over the {limits.max_request_bytes / 2**20:g} MiB limit"},
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
