@@ -12,6 +12,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import EXAMPLES, live_server, write_dicom
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -179,6 +180,16 @@ def test_concurrent_requests_each_get_their_own_answer(classifier: Classifier) -
     for answer, path in zip(answers, SCANS[:6] * 3):
         assert answer["path"] == path.name and answer["label"] == expected[path.name].label
         assert answer["confidence"] == pytest.approx(expected[path.name].confidence, abs=1e-5)
+
+
+def test_explanations_run_on_their_own_copy_of_the_network(classifier: Classifier) -> None:
+    """Grad-CAM hooks the network it runs on; a prediction passing through that network at the
+    same moment would leak its activations into the heat map. The race is too rare to provoke in a
+    test, so this pins the guarantee itself: explanations never share a network with predictions."""
+    app = create_app(classifier, LIMITS, workers=2)
+    assert app.state.explainer.model is not app.state.classifier.model
+    network, copy = dict(app.state.classifier.model.named_parameters()), dict(app.state.explainer.model.named_parameters())
+    assert all(torch.equal(network[k], copy[k]) and network[k].data_ptr() != copy[k].data_ptr() for k in network)
 
 
 def test_onnx_backend_serves_the_same_answers(client: TestClient, shipped_onnx: Path) -> None:

@@ -11,14 +11,16 @@ Endpoints (OpenAPI docs at ``/docs``):
 
 Each request's uploads go to its own temporary folder, removed when the request ends, so
 concurrent requests never see each other's files. Model calls run in worker threads (never on
-the event loop), at most ``workers`` at a time: on a CPU the model already uses every core, so
-more would only queue inside PyTorch. Every failure is a JSON ``{"error": ...}`` with a status:
+the event loop): predictions at most ``workers`` at a time (on a CPU the model already uses every
+core, so more would only queue inside PyTorch), explanations one at a time on their own copy of
+the network, because Grad-CAM hooks the network it runs on. Every failure is a JSON ``{"error": ...}`` with a status:
 413 too large or too many files, 415 not a scan type we read, 422 a damaged scan or bad request.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import tempfile
@@ -180,6 +182,12 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
     """The service around an already loaded classifier (load once, serve many requests)."""
     limits = limits or ServiceLimits()
     limiter = CapacityLimiter(workers)
+    # Grad-CAM hooks the network while it runs, and a prediction passing through a hooked network
+    # would feed its activations to the heat map. So explanations get their own copy of the
+    # network, one at a time, and predictions never share a network with them.
+    explainer = copy.copy(classifier)
+    explainer.model = copy.deepcopy(classifier.model)
+    explain_limiter = CapacityLimiter(1)
     info = model_info(classifier)
     page = (resources.files("braintumor") / "static" / "index.html").read_text(encoding="utf-8")
     app = FastAPI(
@@ -188,6 +196,8 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
         description="Brain MRI slice classification (glioma, meningioma, pituitary tumour, no tumour) with "
         "Grad-CAM explanations. Research and second-opinion use only; not a diagnostic device.",
     )
+
+    app.state.classifier, app.state.explainer = classifier, explainer
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -246,21 +256,21 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
             raise ServiceError(422, f"target {target!r} is not one of {', '.join(classifier.class_names)}")
         with tempfile.TemporaryDirectory(prefix="braintumor-") as folder:
             path, shown = await to_thread.run_sync(_save, file, Path(folder), 0, limits)
-            slices = await to_thread.run_sync(_read, path, shown, limiter=limiter)
+            slices = await to_thread.run_sync(_read, path, shown, limiter=explain_limiter)
         chosen = len(slices) // 2 if index is None else index
         if chosen >= len(slices):
             raise ServiceError(422, f"{shown}: index {chosen} is out of range; the file has {len(slices)} slice(s)")
         item = slices[chosen]
 
         def run() -> tuple[Any, bytes]:
-            explanation = classifier.explain([item.pixels], method=method, target=target, layer=DEFAULT_CAM_LAYER)[0]
+            explanation = explainer.explain([item.pixels], method=method, target=target, layer=DEFAULT_CAM_LAYER)[0]
             explanation.prediction.path, explanation.prediction.index = item.source, item.index
             buffer = io.BytesIO()
             explanation.save_png(buffer)
             return explanation, buffer.getvalue()
 
         try:
-            explanation, figure = await to_thread.run_sync(run, limiter=limiter)
+            explanation, figure = await to_thread.run_sync(run, limiter=explain_limiter)
         except BraintumorError as exc:
             raise ServiceError(422, str(exc)) from None
         if format == "png":
