@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -180,6 +182,37 @@ def test_concurrent_requests_each_get_their_own_answer(classifier: Classifier) -
     for answer, path in zip(answers, SCANS[:6] * 3):
         assert answer["path"] == path.name and answer["label"] == expected[path.name].label
         assert answer["confidence"] == pytest.approx(expected[path.name].confidence, abs=1e-5)
+
+
+def test_concurrent_requests_share_forward_passes(classifier: Classifier) -> None:
+    """While one batch runs, waiting requests queue up and go through the network together."""
+    spy = copy.copy(classifier)
+    batches: list[int] = []
+
+    def predict_slices(slices: list, batch_size: int = 64) -> list:
+        batches.append(len(slices))
+        time.sleep(0.3)  # hold the network so the other requests are waiting in the queue
+        return classifier.predict_slices(slices, batch_size)
+
+    spy.predict_slices = predict_slices  # type: ignore[method-assign]
+    with live_server(create_app(spy, LIMITS)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda p: http.post("/v1/predict", files=[_upload(p)]).json()[0], SCANS[:8]))
+    assert [a["path"] for a in answers] == [p.name for p in SCANS[:8]]
+    assert sum(batches) == 8 and max(batches) >= 2 and len(batches) < 8
+
+
+def test_a_failing_batch_is_a_json_500_and_the_server_goes_on(classifier: Classifier) -> None:
+    broken = copy.copy(classifier)
+
+    def fail(slices: list, batch_size: int = 64) -> list:
+        raise RuntimeError("out of memory")
+
+    broken.predict_slices = fail  # type: ignore[method-assign]
+    client = TestClient(create_app(broken, LIMITS), raise_server_exceptions=False)
+    response = client.post("/v1/predict", files=[_upload(SCANS[0])])
+    assert response.status_code == 500 and response.json() == {"error": "internal error (RuntimeError: out of memory)"}
+    assert client.get("/healthz").json() == {"status": "ok"}
 
 
 def test_explanations_run_on_their_own_copy_of_the_network(classifier: Classifier) -> None:

@@ -312,7 +312,7 @@ def serve(
     amp: bool = typer.Option(False, "--amp", help="bf16/fp16 autocast (torch backend): faster, changes a few borderline predictions."),
     max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, min=1, help="Most files in one request."),
-    workers: int = typer.Option(1, min=1, help="Model calls run at the same time."),
+    workers: int = typer.Option(1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."),
 ) -> None:
     """HTTP service and web page: /, /docs, /healthz, /v1/model, /v1/predict, /v1/explain."""
     from .predict import load_model

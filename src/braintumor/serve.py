@@ -11,19 +11,23 @@ Endpoints (OpenAPI docs at ``/docs``):
 
 Each request's uploads go to its own temporary folder, removed when the request ends, so
 concurrent requests never see each other's files. Model calls run in worker threads (never on
-the event loop): predictions at most ``workers`` at a time (on a CPU the model already uses every
-core, so more would only queue inside PyTorch), explanations one at a time on their own copy of
-the network, because Grad-CAM hooks the network it runs on. Every failure is a JSON ``{"error": ...}`` with a status:
+the event loop): concurrent predictions are batched together by ``workers`` threads (on a CPU
+the model already uses every core, so one is the default), explanations run one at a time on
+their own copy of the network, because Grad-CAM hooks the network it runs on. Every failure is a JSON ``{"error": ...}`` with a status:
 413 too large or too many files, 415 not a scan type we read, 422 a damaged scan or bad request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
 import io
+import queue
 import tempfile
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -166,9 +170,52 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def _predictions(classifier: Classifier, scans: list[list[Slice]]) -> list[dict[str, Any]]:
-    """The ``predict --json`` array for already-read scans: one object per slice, then volumes."""
-    results = classifier.predict_slices([s for scan in scans for s in scan])
+class PredictionBatcher:
+    """Runs the slices of concurrent ``/v1/predict`` requests through the network together.
+
+    ``workers`` threads each take every request waiting in the queue (up to ``max_batch`` slices)
+    and run them as one batch, then hand each request its own results. With one client nothing
+    waits; under load every forward pass is full, which costs less per image than one pass per
+    request (about 1.5x on a CPU). Threads, not event-loop tasks, so it serves any event loop.
+    """
+
+    def __init__(self, classifier: Classifier, workers: int = 1, max_batch: int = 32):
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[list[Slice], Future]] = queue.Queue()
+        for number in range(workers):
+            threading.Thread(target=self._serve, name=f"braintumor-batcher-{number}", daemon=True).start()
+
+    def submit(self, slices: list[Slice]) -> Future:
+        """A future of the slices' predictions, in order."""
+        future: Future = Future()
+        self._queue.put((slices, future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            waiting = [self._queue.get()]
+            count = len(waiting[0][0])
+            while count < self.max_batch:
+                try:
+                    waiting.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                count += len(waiting[-1][0])
+            try:
+                results = self.classifier.predict_slices([s for slices, _ in waiting for s in slices], self.max_batch)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+                for _, future in waiting:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for slices, future in waiting:
+                future.set_result(results[start : start + len(slices)])
+                start += len(slices)
+
+
+def _prediction_objects(results: list[Prediction]) -> list[dict[str, Any]]:
+    """The ``predict --json`` array: one object per slice, then one per NIfTI volume."""
     objects = [r.to_dict() for r in results]
     volumes: dict[str, list[Prediction]] = {}
     for result in results:
@@ -181,7 +228,8 @@ def _predictions(classifier: Classifier, scans: list[list[Slice]]) -> list[dict[
 def create_app(classifier: Classifier, limits: ServiceLimits | None = None, workers: int = 1) -> FastAPI:
     """The service around an already loaded classifier (load once, serve many requests)."""
     limits = limits or ServiceLimits()
-    limiter = CapacityLimiter(workers)
+    limiter = CapacityLimiter(workers)  # decoding uploads
+    batcher = PredictionBatcher(classifier, workers)
     # Grad-CAM hooks the network while it runs, and a prediction passing through a hooked network
     # would feed its activations to the heat map. So explanations get their own copy of the
     # network, one at a time, and predictions never share a network with them.
@@ -207,6 +255,10 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"malformed request ({problems})"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}: {exc})"}, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -236,8 +288,8 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
         with tempfile.TemporaryDirectory(prefix="braintumor-") as folder:
             saved = [await to_thread.run_sync(_save, upload, Path(folder), k, limits) for k, upload in enumerate(files)]
             scans = [await to_thread.run_sync(_read, path, shown, limiter=limiter) for path, shown in saved]
-            objects = await to_thread.run_sync(_predictions, classifier, scans, limiter=limiter)
-        return JSONResponse(objects)
+        results = await asyncio.wrap_future(batcher.submit([s for scan in scans for s in scan]))
+        return JSONResponse(_prediction_objects(results))
 
     @app.post("/v1/explain", response_model=None)
     async def explain(
