@@ -126,7 +126,12 @@ class Explanation:
 
 
 class Classifier:
-    """An EfficientNet-B0 with the metadata that says how to feed it and name its outputs."""
+    """An EfficientNet-B0 with the metadata that says how to feed it and name its outputs.
+
+    Several threads may predict with one classifier at once. Explaining hooks the network while it
+    runs, so do not explain while another thread predicts with the same classifier: give the
+    explaining thread a copy (``copy.copy`` with a ``copy.deepcopy`` of ``model``, as the HTTP
+    service does)."""
 
     def __init__(
         self,
