@@ -205,11 +205,11 @@ def predict(
             flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
             typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}")
     for path, slices in volumes.items():
-        summary = summarize_volume(slices)
         if json_output:
             typer.echo(("" if first else ",") + "\n" + json.dumps(volume_object(slices)), nl=False)
             first = False
         else:
+            summary = summarize_volume(slices)
             parts = [f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()]
             typer.echo(f"volume {path}: {summary['label']} - " + "; ".join(parts))
     if json_output:

@@ -45,8 +45,9 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
 
     In eval mode batch norm is a fixed per-channel scale and shift, so the folded conv computes the
     same outputs (to float rounding: about 1e-6 in the logits) while skipping one full pass over
-    every activation map; on a CPU that makes B0 inference about 1.4x faster. The module names the
-    Grad-CAM layers use (``features.5``) are unchanged. A folded model must not be trained.
+    every activation map; on a CPU that makes B0 inference about 1.5x faster (benchmarks/micro.py).
+    The module names the Grad-CAM layers use (``features.5``) are unchanged. A folded model must
+    not be trained.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 

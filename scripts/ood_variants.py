@@ -1,0 +1,101 @@
+"""Why the bundled annotated figure Te-meTr_0002.jpg is still refused: guard variants compared.
+
+Run: python scripts/ood_variants.py --data DATA_ROOT
+
+With the shipped model's features (the same training/validation split and non-MRI images as
+scripts/fit_ood.py), prints for PCA subspaces of 64, 128 and 256 components how many non-MRI
+images score below the figure (so that no threshold accepts it and catches them all); for
+cosine distance to k-means centroids how many non-MRI images the validation threshold catches;
+and for a pixel rule in front of the guard (too few dark pixels in a 12-pixel border, or a flat
+centre) how many non-MRI images the pair catches at the highest threshold that accepts the figure.
+The figures are quoted in docs/ood/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from fit_ood import non_mri_images  # scripts/ is on the path when this file runs
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+
+from braintumor.cache import load_cached
+from braintumor.data import load_split
+from braintumor.engine import predict_logits_and_features
+from braintumor.imaging import array_to_grey, resize_grey
+from braintumor.ood import OODGuard
+from braintumor.predict import load_model
+
+FIGURE = "Te-meTr_0002.jpg"
+BORDER = 12
+
+
+def dark_border_share(pixels: np.ndarray) -> np.ndarray:
+    """Share of pixels darker than 40 in the outer band: real slices have dark corners."""
+    band = np.concatenate([pixels[:, :BORDER].reshape(len(pixels), -1), pixels[:, -BORDER:].reshape(len(pixels), -1),
+                           pixels[:, :, :BORDER].reshape(len(pixels), -1), pixels[:, :, -BORDER:].reshape(len(pixels), -1)], 1)
+    return (band < 40).mean(1)
+
+
+def flat_centre(pixels: np.ndarray) -> np.ndarray:
+    return pixels[:, 56:168, 56:168].reshape(len(pixels), -1).astype(np.float32).std(1) < 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    args = parser.parse_args()
+    classifier = load_model()
+
+    def features(pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        return predict_logits_and_features(classifier.model, torch.as_tensor(pixels), classifier.runtime)[1].double().numpy()
+
+    training = load_split(args.data, "Training")
+    val_names = {Path(p).name for p in json.loads(Path("docs/training/split.json").read_text())["val_paths"]}
+    is_val = np.array([s.path.name in val_names for s in training])
+    train_features = features(load_cached([s.path for s in training], 224, None, progress=False).pixels)
+    testing = load_split(args.data, "Testing")
+    test_pixels = load_cached([s.path for s in testing], 224, None, progress=False).pixels
+    figure = [s.path.name for s in testing].index(FIGURE)
+    figure_pixels = test_pixels[figure : figure + 1]
+    figure_features = features(figure_pixels)
+    others = non_mri_images()
+    other_pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in others.values()])
+    other_features = features(other_pixels)
+    fit, val = train_features[~is_val], train_features[is_val]
+
+    print("PCA residual share (the shipped guard uses 64 components):")
+    for k in (64, 128, 256):
+        pca = PCA(k, random_state=0).fit(fit)
+        guard = OODGuard(pca.mean_, pca.components_, np.inf)
+        figure_score, other_scores = guard.score(figure_features)[0], guard.score(other_features)
+        below = {name: round(float(s), 3) for name, s in zip(others, other_scores) if s < figure_score}
+        print(f"  {k:3d} components: figure {figure_score:.3f}; {len(below)} of {len(others)} non-MRI images score lower: {below}")
+
+    print("cosine distance to the nearest k-means centroid, threshold at the 99.5th validation percentile:")
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    for centroids in (64, 256):
+        centres = unit(KMeans(centroids, random_state=0, n_init=1).fit(unit(fit)).cluster_centers_)
+        distance = lambda x: 1 - (unit(x) @ centres.T).max(1)  # noqa: E731
+        threshold = np.percentile(distance(val), 99.5)
+        caught = int((distance(other_features) > threshold).sum())
+        print(f"  {centroids} centroids: {caught} of {len(others)} caught; figure refused: {bool(distance(figure_features)[0] > threshold)}")
+
+    pca = PCA(64, random_state=0).fit(fit)
+    guard = OODGuard(pca.mean_, pca.components_, np.inf)
+    threshold = guard.score(figure_features)[0] + 1e-9  # the highest that still accepts the figure
+    pixel_rule = (dark_border_share(other_pixels) < 0.3) | flat_centre(other_pixels)
+    caught = pixel_rule | (guard.score(other_features) > threshold)
+    missed = [name for name, c in zip(others, caught) if not c]
+    print(f"pixel rule (dark border share < 0.3 or flat centre) catches {int(pixel_rule.sum())} of {len(others)}; "
+          f"with the 64-component guard at the figure's score the pair catches {int(caught.sum())}; misses {missed}; "
+          f"figure's dark border share {dark_border_share(figure_pixels)[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
