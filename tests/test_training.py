@@ -90,7 +90,7 @@ def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_pa
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"), ({"colour": 1}, "unknown"),
-     ({"label_smoothing": 1.0}, "label_smoothing")],
+     ({"label_smoothing": 1.0}, "label_smoothing"), ({"ema_decay": 1.0}, "ema_decay")],
 )
 def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -110,3 +110,40 @@ def test_label_smoothing_reaches_the_loss(kaggle_tree: Path, tmp_path: Path) -> 
     plain = fit(_config(kaggle_tree, tmp_path / "plain", epochs=1), progress=False)
     smooth = fit(_config(kaggle_tree, tmp_path / "smooth", epochs=1, label_smoothing=0.3), progress=False)
     assert smooth["history"][0]["train_loss"] > plain["history"][0]["train_loss"]
+
+
+def test_weight_average_is_what_gets_validated_kept_and_resumed(kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ema_decay the best weights are the moving average (not the raw weights), the log shows
+    both, and a killed run resumes to exactly the uninterrupted run's average."""
+    settings = {"epochs": 2, "lr": 1e-3, "ema_decay": 0.9}
+    whole = fit(_config(kaggle_tree, tmp_path / "whole", **settings), progress=False)
+    row = whole["history"][-1]
+    assert {"raw_val_accuracy", "raw_val_loss", "val_accuracy"} <= row.keys()
+    last = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    weight = "classifier.1.weight"
+    assert not torch.allclose(last["ema"]["module." + weight], last["model"][weight])
+
+    real_save = training.save_training_state
+
+    def save_then_die(path: Path, state: dict) -> None:
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(kaggle_tree, tmp_path / "killed", **settings), progress=False)
+    after_one = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    best = load_file(tmp_path / "killed" / "best.safetensors")  # epoch 1 is always the best so far
+    assert all(torch.equal(best[k], after_one["ema"]["module." + k]) for k in best)
+    assert not torch.equal(best[weight], after_one["model"][weight])
+    monkeypatch.setattr(training, "save_training_state", real_save)
+    fit(_config(kaggle_tree, tmp_path / "killed", resume=True, **settings), progress=False)
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    for key, tensor in last["ema"].items():
+        assert torch.equal(tensor, resumed["ema"][key]), key
+
+
+def test_resuming_a_plain_run_with_averaging_is_refused(kaggle_tree: Path, tmp_path: Path) -> None:
+    fit(_config(kaggle_tree, tmp_path / "run", epochs=1), progress=False)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        fit(_config(kaggle_tree, tmp_path / "run", epochs=2, ema_decay=0.9, resume=True), progress=False)

@@ -26,6 +26,10 @@ class TrainConfig:
     mean/std, CrossEntropy, Adam lr 1e-4, batch 32, 20 epochs, constant learning rate) plus
     augmentation, a leak-free validation split and an offline ImageNet warm start (``lite0``).
 
+    ``ema_decay`` > 0 keeps an exponential moving average of the weights (and batch-norm
+    statistics), updated after every optimizer step; validation and ``best.safetensors`` then use
+    the average, which moves less from step to step than the raw weights. 0 turns it off.
+
     ``val_fraction`` 0 trains on every Training image with no validation (a final refit); the
     last epoch's weights are then the run's weights."""
 
@@ -39,6 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.2
     stochastic_depth: float = 0.2
+    ema_decay: float = 0.0
     image_size: int = 224
     init: str = "lite0"
     augment: bool = True
@@ -70,6 +75,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key in ("dropout", "stochastic_depth"):
         _check(0.0 <= getattr(config, key) < 1.0, f"{key} must be in [0, 1), got {getattr(config, key)}")
     _check(0.0 <= config.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    _check(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: off), got {config.ema_decay}")
     _check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     _check(config.device in DEVICES, f"device {config.device!r} is not one of {', '.join(DEVICES)}")
@@ -114,7 +120,7 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
     for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
             raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
-    for key in ("lr", "weight_decay", "label_smoothing", "dropout", "stochastic_depth", "val_fraction"):
+    for key in ("lr", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth", "val_fraction"):
         if key in values and not isinstance(values[key], (int, float)):
             raise ConfigError(f"{key} must be a number, got {values[key]!r}")
     return validate(TrainConfig(**values))

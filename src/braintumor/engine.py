@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .transforms import AugmentConfig, augment, normalise
@@ -73,6 +74,7 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     rank: int = 0,
     world_size: int = 1,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
     dropped so batch norm never sees a batch of one.
@@ -82,6 +84,8 @@ def train_one_epoch(
     ``batch_size // world_size``; with DistributedDataParallel averaging the gradients, a step sees
     the same images as a single process with the same global batch. The returned figures are this
     process's share (``training.fit`` sums them over processes).
+
+    ``ema``, when given, is updated from ``model`` after every optimizer step.
 
     Returns:
         Mean loss, accuracy, images seen, wall seconds and images per second.
@@ -115,6 +119,8 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)

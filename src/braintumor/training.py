@@ -4,8 +4,9 @@ The run folder holds:
 - ``config.yaml``: the resolved configuration;
 - ``split.json``: which Training files went to validation (near-duplicate groups kept together);
 - ``metrics.jsonl``: one line per epoch; ``learning_curves.png``;
-- ``best.safetensors``: the weights with the best validation accuracy, with their metadata;
-- ``last.pt``: model, optimizer, scheduler and random state after the last finished epoch, for
+- ``best.safetensors``: the weights with the best validation accuracy, with their metadata (with
+  ``ema_decay`` set, the moving average of the weights: it is what gets validated and kept);
+- ``last.pt``: model, moving average, optimizer, scheduler and random state after the last finished epoch, for
   ``--resume``. Resuming replays nothing: the next epoch starts from exactly that state.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same function trains with DistributedDataParallel:
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import __version__
 from .cache import load_cached
@@ -205,6 +207,9 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(config.seed)
+    # The average copies the module; its batch-norm statistics are averaged like the weights.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
+    validated = model if ema is None else ema.module  # what is validated and saved as best
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
     if state is None:
@@ -212,6 +217,10 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             _start_run_folder(config, data)
     else:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError(f"{config.out} was started without ema_decay; resume it with the settings it started with")
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -232,7 +241,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         train = train_one_epoch(
             network, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
             augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}",
-            label_smoothing=config.label_smoothing, rank=group.rank, world_size=group.world_size,
+            label_smoothing=config.label_smoothing, rank=group.rank, world_size=group.world_size, ema=ema,
         )
         if group.enabled:
             loss_sum, correct, images, seconds = group.sum(
@@ -245,20 +254,23 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             }
         if not group.main:
             continue  # rank 0 validates and writes; the others go on to the next epoch
-        val = validate_epoch(model, data, runtime, config.batch_size)
+        val = validate_epoch(validated, data, runtime, config.batch_size)
         row = {
             "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
             "lr": scheduler.get_last_lr()[0], "seconds": train["seconds"], "images_per_second": train["images_per_second"],
         }
+        if ema is not None:  # the raw weights too, so the log shows what averaging bought
+            raw = validate_epoch(model, data, runtime, config.batch_size)
+            row.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
         history.append(row)
         # Without validation every epoch "improves", so the run keeps its last weights.
         improved = val["accuracy"] is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
         if improved:
             best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "val_weighted_f1": val["weighted_f1"]}
-            save_weights(model.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
+            save_weights(validated.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
         save_training_state(last_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             "history": history, "best": best, "fingerprint": data.fingerprint,
         })
