@@ -7,7 +7,11 @@ Fits the guard (see braintumor.ood) on the features of the shipped model's train
 99.5th percentile of the validation scans' distances, stores it in the packaged weights, and
 reports how many real Testing scans it wrongly rejects and which of a set of non-MRI images it
 catches: photos shipped with scikit-learn and matplotlib, rendered charts, a logo, blank, noise,
-gradient and checkerboard images. Writes docs/ood/ood.json.
+gradient and checkerboard images (the set the guard was designed on). It then measures the
+guard as predict applies it (features plus the colour rule, braintumor.ood.COLOUR_LIMIT) on a
+second, held-out set: every picture scikit-image ships (photos, micrographs, a fundus
+photograph, a head phantom, text, faces), which no design decision looked at; and the colour
+rule's share on every real file of the data set. Writes docs/ood/ood.json.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from braintumor.cache import load_cached  # noqa: E402
 from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
 from braintumor.data import load_split  # noqa: E402
 from braintumor.engine import predict_logits_and_features  # noqa: E402
-from braintumor.imaging import array_to_grey, resize_grey  # noqa: E402
-from braintumor.ood import fit_guard  # noqa: E402
+from braintumor.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
+from braintumor.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
 from braintumor.predict import default_weights_path, load_model  # noqa: E402
 
 
@@ -73,6 +77,22 @@ def non_mri_images() -> dict[str, np.ndarray]:
     return images
 
 
+def held_out_images() -> dict[str, np.ndarray]:
+    """Every picture in scikit-image's data folder (a test dependency), plus three faces from its
+    LFW subset: not used to design the guard, so they measure it."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    images = {}
+    for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.jpg")):
+        with Image.open(path) as image:
+            images[f"skimage {path.name}"] = np.asarray(image.convert("RGBA") if image.mode == "P" else image)
+    faces = np.load(folder / "lfw_subset.npy")
+    for k in (0, 50, 120):
+        images[f"skimage lfw_subset face {k}"] = faces[k]
+    return images
+
+
 def matplotlib_mri() -> np.ndarray:
     """matplotlib's sample MRI slice (256x256, 16-bit): a real brain MRI from outside our data set."""
     raw = gzip.open(Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read()
@@ -105,6 +125,20 @@ def main() -> None:
     others = non_mri_images()
     other_pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in others.values()])
     other_distance = guard.score(features(other_pixels))
+
+    def measured(images: dict[str, np.ndarray]) -> dict[str, dict[str, float | bool]]:
+        pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in images.values()])
+        scores = guard.score(features(pixels))
+        shares = np.array([colour_share(image) for image in images.values()])
+        by_colour = colour_rejects(shares)
+        return {
+            name: {"score": float(d), "colour_share": float(c), "rejected_by_features": bool(d > guard.threshold),
+                   "rejected": bool(d > guard.threshold or r)}
+            for name, d, c, r in zip(images, scores, shares, by_colour)
+        }
+
+    held_out = measured(held_out_images())
+    real_shares = np.array([decode_image_and_colour(s.path)[1] for s in training + testing])
     mri_distance = float(guard.score(features(resize_grey(array_to_grey(matplotlib_mri()), 224)[None]))[0])
     summary = {
         "threshold": guard.threshold,
@@ -118,14 +152,26 @@ def main() -> None:
         "non_mri_images": len(others),
         "non_mri": {name: {"score": float(d), "rejected": bool(d > guard.threshold)} for name, d in zip(others, other_distance)},
         "matplotlib_mri_slice": {"score": mri_distance, "rejected": mri_distance > guard.threshold},
+        "colour_rule": {
+            "limit": COLOUR_LIMIT,
+            "real_files": len(real_shares),
+            "real_files_rejected": int(colour_rejects(real_shares).sum()),
+            "real_files_max_share": float(real_shares.max()),
+            "design_set_caught": int(colour_rejects([colour_share(image) for image in others.values()]).sum()),
+        },
+        "held_out_caught_by_features": sum(v["rejected_by_features"] for v in held_out.values()),
+        "held_out_caught": sum(v["rejected"] for v in held_out.values()),
+        "held_out_images": len(held_out),
+        "held_out": held_out,
     }
     tensors, metadata = load_weights(default_weights_path())
     tensors = {k: v for k, v in tensors.items() if not k.startswith("ood.")} | guard.to_tensors()
-    metadata["ood_guard"] = {k: summary[k] for k in ("threshold", "percentile_of_validation", "testing_rejection_rate", "non_mri_caught", "non_mri_images")}
+    metadata["ood_guard"] = {k: summary[k] for k in ("threshold", "percentile_of_validation", "testing_rejection_rate", "non_mri_caught", "non_mri_images",
+                                                     "held_out_caught", "held_out_images")} | {"colour_limit": COLOUR_LIMIT}
     save_weights(tensors, default_weights_path(), metadata)
     Path("docs/ood").mkdir(parents=True, exist_ok=True)
     Path("docs/ood/ood.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "testing_rejected_paths"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("testing_rejected_paths", "non_mri", "held_out")}, indent=2))
 
 
 if __name__ == "__main__":

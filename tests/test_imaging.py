@@ -85,3 +85,19 @@ def test_arrays_from_python_callers() -> None:
 
 def test_resize_grey_squashes_to_square() -> None:
     assert resize_grey(np.zeros((300, 200), dtype=np.uint8), 224).shape == (224, 224)
+
+
+def test_colour_share_counts_coloured_pixels_and_ignores_grey_stored_as_rgb() -> None:
+    from braintumor.imaging import colour_share, decode_image_and_colour
+
+    grey = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))
+    assert decode_image_and_colour(_encode(grey.convert("RGB"), "PNG"))[1] == 0.0
+    assert decode_image_and_colour(_encode(grey, "PNG"))[1] == 0.0
+    half = np.zeros((64, 64, 3), np.uint8)
+    half[:32] = (200, 40, 40)  # top half red, bottom half black
+    pixels, share = decode_image_and_colour(_encode(Image.fromarray(half), "PNG"))
+    assert share == 0.5 and pixels.shape == (64, 64)
+    big = np.zeros((3000, 2000, 4), np.uint8)
+    big[:, :500, :3] = (0, 0, 255)  # a quarter of a large picture is blue; the share survives subsampling
+    assert abs(colour_share(big) - 0.25) < 0.01
+    assert colour_share(np.zeros((8, 8))) == 0.0

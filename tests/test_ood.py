@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_sample_image
 from typer.testing import CliRunner
 
@@ -36,7 +37,7 @@ def test_shipped_guard_rejects_a_photo_and_accepts_the_bundled_scans() -> None:
     assert photo.not_brain_mri is True and photo.label == NOT_BRAIN_MRI
     scans = classifier.predict(EXAMPLES)
     rejected = [Path(s.path).name for s in scans if s.not_brain_mri]
-    # A known false rejection (docs/ood/README.md): a published figure with arrows drawn on the scan.
+    # A known false rejection (docs/ood/README.md): a rare skull-base slice from a published figure.
     assert len(scans) == 12 and rejected == ["Te-meTr_0002.jpg"]
 
 
@@ -48,3 +49,43 @@ def test_flag_appears_in_predict_json(tmp_path: Path) -> None:
     objects = json.loads(output.stdout)
     assert objects[0]["not_brain_mri"] is True and objects[0]["label"] == NOT_BRAIN_MRI
     assert len(objects) == 4 and all(o["not_brain_mri"] is False for o in objects[1:])
+
+
+def _tinted(scan: Path, tint: tuple[float, float, float] = (1.0, 0.55, 0.2)) -> tuple[np.ndarray, np.ndarray]:
+    """A scan painted in colour, and the grey picture the network would see of it."""
+    from PIL import Image
+
+    grey = np.asarray(Image.open(scan).convert("L"), dtype=np.float32)
+    rgb = np.clip(np.stack([grey * t for t in tint], axis=2), 0, 255).astype(np.uint8)
+    return rgb, np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def test_colour_pictures_are_refused_though_their_grey_version_passes(tmp_path: Path) -> None:
+    """The network only sees grey, so the guard's features cannot tell a coloured picture of a
+    scan from the scan; the colour rule can, from files and from arrays alike."""
+    from PIL import Image
+
+    classifier = load_model()
+    rgb, grey = _tinted(EXAMPLES / "notumor" / "Te-no_0105.jpg")
+    Image.fromarray(rgb).save(tmp_path / "tinted.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    from_array, grey_array = classifier.predict([rgb, grey])
+    from_file, grey_file = classifier.predict([tmp_path / "tinted.png", tmp_path / "grey.png"])
+    assert grey_array.not_brain_mri is False and grey_file.not_brain_mri is False
+    assert from_array.label == from_file.label == NOT_BRAIN_MRI
+    assert from_array.probabilities == grey_array.probabilities  # the classifier's view is unchanged
+
+
+def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> None:
+    """scikit-image's retina.jpg (a colour fundus photograph) passes the feature guard alone."""
+    from PIL import Image
+
+    from braintumor.imaging import colour_share
+    from braintumor.ood import COLOUR_LIMIT
+
+    skimage = pytest.importorskip("skimage")
+    shares = [colour_share(np.asarray(Image.open(p).convert("RGB"))) for p in sorted(EXAMPLES.rglob("*.jpg"))]
+    assert len(shares) == 12 and max(shares) < COLOUR_LIMIT / 2
+    retina = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / "retina.jpg").convert("RGB"))
+    [prediction] = load_model().predict(retina)
+    assert colour_share(retina) > COLOUR_LIMIT and prediction.label == NOT_BRAIN_MRI

@@ -66,6 +66,17 @@ def test_predict_answers_what_the_python_api_answers(client: TestClient, classif
             assert obj["probabilities"][name] == pytest.approx(value, abs=1e-6)
 
 
+def test_a_colour_picture_of_a_scan_is_refused_by_the_service(client: TestClient, tmp_path: Path) -> None:
+    grey = np.asarray(Image.open(SCANS[0]).convert("L"), dtype=np.float32)
+    tinted = tmp_path / "tinted.png"
+    Image.fromarray(np.stack([grey, grey * 0.55, grey * 0.2], axis=2).astype(np.uint8)).save(tinted)
+    response = client.post("/v1/predict", files=[_upload(tinted), _upload(SCANS[0])])
+    assert response.status_code == 200, response.text
+    refused, accepted = response.json()
+    assert refused["not_brain_mri"] is True and refused["label"] == "not_brain_mri"
+    assert accepted["not_brain_mri"] is False
+
+
 def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_path: Path) -> None:
     dicom = write_dicom(tmp_path / "series.dcm", np.stack([np.eye(32) * 900, np.ones((32, 32)) * 300]))
     volume = tmp_path / "head.nii.gz"

@@ -17,7 +17,7 @@ import numpy as np
 
 from .constants import IMAGE_EXTENSIONS, JUNK_NAMES, MAX_IMAGE_PIXELS
 from .errors import InvalidImageError
-from .imaging import array_to_grey, decode_image
+from .imaging import array_to_grey, decode_image_and_colour
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,6 +34,7 @@ class Slice:
     path: str
     index: int | None = None  # frame or slice number, None for single images
     volume: bool = False  # True for the slices of a 3-D NIfTI volume
+    colour_share: float = 0.0  # share of coloured pixels before the grey conversion (imaging.colour_share)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -204,7 +205,8 @@ def read_scan(path: str | Path) -> list[Slice]:
         if len(frames) == 1:
             return [Slice(str(path), frames[0], str(path))]
         return [Slice(f"{path}#frame={k}", pixels, str(path), k) for k, pixels in enumerate(frames)]
-    return [Slice(str(path), decode_image(path), str(path))]
+    pixels, colour = decode_image_and_colour(path)
+    return [Slice(str(path), pixels, str(path), colour_share=colour)]
 
 
 def iter_slices(files: list[Path]) -> Iterator[Slice | InvalidImageError]:

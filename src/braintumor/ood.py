@@ -8,6 +8,12 @@ The threshold is a high percentile of held-out validation scans' scores, so a kn
 of real scans is rejected. (A Mahalanobis distance inside the subspace and the feature norm were
 tried and separate worse: see docs/ood/README.md.) The guard's tensors travel inside the weights
 file under ``ood.*``.
+
+In front of it sits a pixel rule the features cannot see, as every input is turned grey before
+the network: a picture with more than ``COLOUR_LIMIT`` of its pixels in colour is not an MRI
+slice. No file of the data set comes near it (at most 5.2% coloured pixels, JPEG chroma noise),
+while colour photos score 24-95%; it catches a colour fundus photograph whose features the
+subspace explains well enough to pass (docs/ood/README.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ import torch
 
 N_COMPONENTS = 64
 TENSOR_PREFIX = "ood."
+COLOUR_LIMIT = 0.15  # share of coloured pixels (imaging.colour_share) above which an input is not a scan
+
+
+def colour_rejects(colour_shares: np.ndarray) -> np.ndarray:
+    """True where an input is a colour picture: MRI is grey."""
+    return np.asarray(colour_shares, dtype=float) > COLOUR_LIMIT
 
 
 @dataclass

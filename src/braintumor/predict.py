@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,11 +24,11 @@ from .checkpoint import load_weights
 from .engine import Runtime, predict_logits_and_features, select_runtime
 from .errors import CheckpointError, ConfigError, InvalidImageError
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer, save_figure
-from .imaging import array_to_grey, resize_grey
+from .imaging import array_to_grey, colour_share, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0, fold_batch_norm
 from .onnx_backend import OnnxNetwork, export_model_proto
-from .ood import OODGuard, split_guard
+from .ood import OODGuard, colour_rejects, split_guard
 
 ImageInput = str | Path | Image.Image | np.ndarray
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
@@ -196,7 +196,15 @@ class Classifier:
             return []
         pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
         probabilities, rejected = self.infer(pixels, batch_size)
+        rejected = self._with_colour_rule(slices, rejected)
         return [self._result(s, probabilities[k], None if rejected is None else bool(rejected[k])) for k, s in enumerate(slices)]
+
+    def _with_colour_rule(self, slices: list[Slice], rejected: np.ndarray | None) -> np.ndarray | None:
+        """The guard's verdicts, plus colour pictures (``ood.colour_rejects``): the features only
+        ever see the grey version of an input. None when the model has no guard."""
+        if rejected is None:
+            return None
+        return rejected | colour_rejects(np.array([s.colour_share for s in slices]))
 
     def _result(self, item: Slice, probabilities: np.ndarray, rejected: bool | None = None) -> Prediction:
         best = int(probabilities.argmax())
@@ -220,7 +228,7 @@ class Classifier:
             return Prediction(path=str(path), error=str(exc))
         if not resize:
             return slices
-        return [Slice(s.source, resize_grey(s.pixels, self.image_size), s.path, s.index, s.volume) for s in slices]
+        return [replace(s, pixels=resize_grey(s.pixels, self.image_size)) for s in slices]
 
     def _from_memory(self, item: Image.Image | np.ndarray, number: int, resize: bool) -> list[Slice] | Prediction:
         name = f"<image {number}>"
@@ -229,7 +237,7 @@ class Classifier:
             grey = array_to_grey(array)
         except InvalidImageError as exc:
             return Prediction(path=name, error=f"{name}: {exc}")
-        return [Slice(name, resize_grey(grey, self.image_size) if resize else grey, name)]
+        return [Slice(name, resize_grey(grey, self.image_size) if resize else grey, name, colour_share=colour_share(array))]
 
     def _slices(self, inputs: Iterable[ImageInput], workers: int, resize: bool = True) -> Iterator[Slice | Prediction]:
         """Decoded slices in input order (a failed file as a Prediction with its error), read by
@@ -317,6 +325,7 @@ class Classifier:
             heatmaps, raw = compute_heatmaps(self.model, resized, request)
             # The reported prediction is predict's own (temperature, guard, TTA), so the two agree.
             probabilities, rejected = self.infer(resized, batch_size)
+            rejected = self._with_colour_rule(batch, rejected)
             for k, (item, heatmap) in enumerate(zip(batch, heatmaps)):
                 prediction = self._result(item, probabilities[k], None if rejected is None else bool(rejected[k]))
                 explained = target or self.class_names[int(raw[k].argmax())]

@@ -28,7 +28,7 @@ import queue
 import tempfile
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ def _read(path: Path, shown: str) -> list[Slice]:
         slices = read_scan(path)
     except InvalidImageError as exc:
         raise ServiceError(422, str(exc).replace(str(path), shown)) from None
-    return [Slice(s.source.replace(str(path), shown), s.pixels, shown, s.index, s.volume) for s in slices]
+    return [replace(s, source=s.source.replace(str(path), shown), path=shown) for s in slices]
 
 
 def _png(array: np.ndarray) -> bytes:
