@@ -48,6 +48,7 @@ def test_flag_appears_in_predict_json(tmp_path: Path) -> None:
     output = CliRunner().invoke(app, ["predict", str(tmp_path / "flower.jpg"), str(EXAMPLES / "notumor"), "--json"])
     objects = json.loads(output.stdout)
     assert objects[0]["not_brain_mri"] is True and objects[0]["label"] == NOT_BRAIN_MRI
+    assert "colour picture" in objects[0]["not_brain_mri_reason"] and "training scan" in objects[0]["not_brain_mri_reason"]
     assert len(objects) == 4 and all(o["not_brain_mri"] is False for o in objects[1:])
 
 
@@ -73,6 +74,8 @@ def test_colour_pictures_are_refused_though_their_grey_version_passes(tmp_path: 
     from_file, grey_file = classifier.predict([tmp_path / "tinted.png", tmp_path / "grey.png"])
     assert grey_array.not_brain_mri is False and grey_file.not_brain_mri is False
     assert from_array.label == from_file.label == NOT_BRAIN_MRI
+    assert from_file.not_brain_mri_reason == "a colour picture (MRI slices are grey)"
+    assert grey_file.not_brain_mri_reason is None and "not_brain_mri_reason" not in grey_file.to_dict()
     assert from_array.probabilities == grey_array.probabilities  # the classifier's view is unchanged
 
 

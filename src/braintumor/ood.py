@@ -33,6 +33,16 @@ def colour_rejects(colour_shares: np.ndarray) -> np.ndarray:
     return np.asarray(colour_shares, dtype=float) > COLOUR_LIMIT
 
 
+def refusal_reason(by_features: bool, by_colour: bool) -> str | None:
+    """The words shown with ``not_brain_mri`` (None when neither rule refused the input)."""
+    reasons = []
+    if by_colour:
+        reasons.append("a colour picture (MRI slices are grey)")
+    if by_features:
+        reasons.append("unlike every training scan (out-of-distribution features)")
+    return "; ".join(reasons) or None
+
+
 @dataclass
 class OODGuard:
     """PCA subspace of training features and the rejection threshold on the residual share."""

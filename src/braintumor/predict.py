@@ -28,7 +28,7 @@ from .imaging import array_to_grey, colour_share, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0, fold_batch_norm
 from .onnx_backend import OnnxNetwork, export_model_proto
-from .ood import OODGuard, colour_rejects, split_guard
+from .ood import OODGuard, colour_rejects, refusal_reason, split_guard
 
 ImageInput = str | Path | Image.Image | np.ndarray
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
@@ -60,6 +60,7 @@ class Prediction:
     volume: bool = False
     uncertain: bool | None = None  # confidence below the model's refer-to-a-radiologist threshold
     not_brain_mri: bool | None = None  # the out-of-distribution guard rejected the input
+    not_brain_mri_reason: str | None = None  # which of the guard's rules refused it, in words
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
@@ -67,6 +68,8 @@ class Prediction:
             "path": self.path, "label": self.label, "confidence": self.confidence,
             "probabilities": self.probabilities, "uncertain": self.uncertain, "not_brain_mri": self.not_brain_mri,
         }
+        if self.not_brain_mri_reason is not None:
+            result["not_brain_mri_reason"] = self.not_brain_mri_reason
         if self.index is not None:
             result["index"] = self.index
         if self.error is not None:
@@ -196,24 +199,31 @@ class Classifier:
             return []
         pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
         probabilities, rejected = self.infer(pixels, batch_size)
-        rejected = self._with_colour_rule(slices, rejected)
-        return [self._result(s, probabilities[k], None if rejected is None else bool(rejected[k])) for k, s in enumerate(slices)]
+        refusals = self._refusals(slices, rejected)
+        return [self._result(s, probabilities[k], refusals, k) for k, s in enumerate(slices)]
 
-    def _with_colour_rule(self, slices: list[Slice], rejected: np.ndarray | None) -> np.ndarray | None:
-        """The guard's verdicts, plus colour pictures (``ood.colour_rejects``): the features only
-        ever see the grey version of an input. None when the model has no guard."""
-        if rejected is None:
+    def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None] | None:
+        """Why each slice is not a brain MRI (None: it may be one), from the guard's verdicts on
+        the features plus the colour rule (``ood.colour_rejects``: the features only ever see the
+        grey version of an input). None for all when the model has no guard."""
+        if by_features is None:
             return None
-        return rejected | colour_rejects(np.array([s.colour_share for s in slices]))
+        by_colour = colour_rejects(np.array([s.colour_share for s in slices]))
+        return [refusal_reason(bool(f), bool(c)) for f, c in zip(by_features, by_colour)]
 
-    def _result(self, item: Slice, probabilities: np.ndarray, rejected: bool | None = None) -> Prediction:
+    def _result(self, item: Slice, probabilities: np.ndarray, refusals: list[str | None] | None = None, k: int = 0) -> Prediction:
+        """The prediction for ``item``; ``refusals[k]`` says why the guard refused it (None: it did
+        not; ``refusals`` None: the model has no guard)."""
+        refusal = None if refusals is None else refusals[k]
+        rejected = None if refusals is None else refusal is not None
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
         return Prediction(
             path=item.source,
             label=NOT_BRAIN_MRI if rejected else self.class_names[best],
-            not_brain_mri=None if rejected is None else bool(rejected),
+            not_brain_mri=rejected,
+            not_brain_mri_reason=refusal,
             confidence=confidence,
             probabilities={name: float(p) for name, p in zip(self.class_names, probabilities)},
             index=item.index,
@@ -325,9 +335,9 @@ class Classifier:
             heatmaps, raw = compute_heatmaps(self.model, resized, request)
             # The reported prediction is predict's own (temperature, guard, TTA), so the two agree.
             probabilities, rejected = self.infer(resized, batch_size)
-            rejected = self._with_colour_rule(batch, rejected)
+            refusals = self._refusals(batch, rejected)
             for k, (item, heatmap) in enumerate(zip(batch, heatmaps)):
-                prediction = self._result(item, probabilities[k], None if rejected is None else bool(rejected[k]))
+                prediction = self._result(item, probabilities[k], refusals, k)
                 explained = target or self.class_names[int(raw[k].argmax())]
                 yield Explanation(prediction, resize_heatmap(heatmap, item.pixels.shape), item.pixels, explained, method, layer)
             batch.clear()
