@@ -92,3 +92,41 @@ def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> N
     retina = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / "retina.jpg").convert("RGB"))
     [prediction] = load_model().predict(retina)
     assert colour_share(retina) > COLOUR_LIMIT and prediction.label == NOT_BRAIN_MRI
+
+
+def test_dicom_header_refusals_say_what_the_header_says() -> None:
+    from pydicom.dataset import Dataset
+
+    from braintumor.inputs import dicom_refusal
+
+    def header(**tags: object) -> Dataset:
+        dataset = Dataset()
+        dataset.Rows = dataset.Columns = 256
+        for key, value in tags.items():
+            setattr(dataset, key, value)
+        return dataset
+
+    assert dicom_refusal(header()) is None  # a missing tag refuses nothing
+    assert dicom_refusal(header(Modality="MR", BodyPartExamined="BRAIN", PixelSpacing=[0.9, 0.9])) is None
+    assert dicom_refusal(header(Modality="OT", BodyPartExamined="Head")) is None
+    assert dicom_refusal(header(Modality="CT")) == "not MRI: its DICOM header says modality CT"
+    assert "body part ABDOMEN" in dicom_refusal(header(Modality="MR", BodyPartExamined="ABDOMEN"))
+    assert "20 x 20 mm" in dicom_refusal(header(Modality="MR", PixelSpacing=[0.078125, 0.078125]))
+    assert dicom_refusal(header(Modality="MR", PixelSpacing=[0.5])) is None  # malformed: one value, not two
+
+
+def test_pydicom_sample_files_that_are_not_brain_mri_are_refused_by_their_headers() -> None:
+    """A chest CT, a 2 cm crop of a head MR that the features alone would pass as a meningioma,
+    and every frame of an ultrasound cine loop, of which the features alone pass a third."""
+    from pydicom.data import get_testdata_file
+
+    files = {name: get_testdata_file(name) for name in ("CT_small.dcm", "MR_small.dcm", "examples_ybr_color.dcm")}
+    predictions = load_model().predict(list(files.values()))
+    by_file: dict[str, list] = {}
+    for prediction in predictions:
+        by_file.setdefault(Path(prediction.path.split("#")[0]).name, []).append(prediction)
+    assert all(p.label == NOT_BRAIN_MRI for ps in by_file.values() for p in ps)
+    assert "modality CT" in by_file["CT_small.dcm"][0].not_brain_mri_reason
+    assert "field of view" in by_file["MR_small.dcm"][0].not_brain_mri_reason
+    assert len(by_file["examples_ybr_color.dcm"]) > 10
+    assert all("modality US" in p.not_brain_mri_reason for p in by_file["examples_ybr_color.dcm"])

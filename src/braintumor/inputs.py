@@ -12,12 +12,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .constants import IMAGE_EXTENSIONS, JUNK_NAMES, MAX_IMAGE_PIXELS
 from .errors import InvalidImageError
-from .imaging import array_to_grey, decode_image_and_colour
+from .imaging import array_to_grey, colour_share, decode_image_and_colour
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -35,6 +36,7 @@ class Slice:
     index: int | None = None  # frame or slice number, None for single images
     volume: bool = False  # True for the slices of a 3-D NIfTI volume
     colour_share: float = 0.0  # share of coloured pixels before the grey conversion (imaging.colour_share)
+    header_refusal: str | None = None  # why the file's own header says it is no brain MRI (dicom_refusal)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -91,7 +93,34 @@ def _window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) * (255.0 / (high - low)), 0, 255).round().astype(np.uint8)
 
 
-def _dicom_frames(path: Path) -> list[np.ndarray]:
+# DICOM modalities that may hold an MRI slice: MR itself, and the catch-alls for other and secondary
+# capture (screenshots, converted files). Any other (CT, CR, DX, US, NM, PT, SEG, RTDOSE...) is not MRI.
+MRI_MODALITIES = frozenset({"MR", "OT", "SC"})
+HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREB")
+MIN_FIELD_OF_VIEW_MM = 100.0  # a whole adult brain slice needs about 150-250 mm
+
+
+def dicom_refusal(dataset: Any) -> str | None:
+    """Why a DICOM file's header says it is not a whole brain MRI slice (None: it does not say
+    so). Only what the header states is used; a missing tag refuses nothing."""
+    modality = str(dataset.get("Modality", "") or "").strip().upper()
+    if modality and modality not in MRI_MODALITIES:
+        return f"not MRI: its DICOM header says modality {modality}"
+    body_part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and not any(word in body_part for word in HEAD_WORDS):
+        return f"not the head: its DICOM header says body part {body_part}"
+    try:
+        row_mm, column_mm = (float(v) for v in dataset.get("PixelSpacing") or ())
+        height, width = int(dataset.Rows) * row_mm, int(dataset.Columns) * column_mm
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if 0 < max(height, width) < MIN_FIELD_OF_VIEW_MM:
+        return f"too small for a whole brain slice: its DICOM header gives a {width:.0f} x {height:.0f} mm field of view"
+    return None
+
+
+def _dicom_frames(path: Path) -> tuple[list[np.ndarray], list[float], str | None]:
+    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -114,17 +143,20 @@ def _dicom_frames(path: Path) -> list[np.ndarray]:
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     frames_count = int(dataset.get("NumberOfFrames", 1) or 1)
     frames = array if frames_count > 1 else array[None]
-    results = []
+    results, colour = [], []
     for frame in frames:
         if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or frame.ndim == 3:
-            results.append(array_to_grey(frame.astype(np.uint8) if frame.dtype != np.uint8 else frame))
+            rgb = frame.astype(np.uint8) if frame.dtype != np.uint8 else frame  # pydicom gives YBR as RGB
+            results.append(array_to_grey(rgb))
+            colour.append(colour_share(rgb))
             continue
         values = apply_modality_lut(frame, dataset).astype(np.float64)
         if "WindowCenter" in dataset and "WindowWidth" in dataset:
             values = apply_voi_lut(values, dataset, index=0).astype(np.float64)
         grey = _window_to_uint8(values, float(values.min()), float(values.max()))
         results.append(255 - grey if photometric == "MONOCHROME1" else grey)
-    return results
+        colour.append(0.0)
+    return results, colour, dicom_refusal(dataset)
 
 
 def _nifti_slices(path: Path) -> tuple[list[np.ndarray], bool]:
@@ -201,10 +233,13 @@ def read_scan(path: str | Path) -> list[Slice]:
             return [Slice(str(path), slices[0], str(path))]
         return [Slice(f"{path}#slice={k}", pixels, str(path), k, True) for k, pixels in enumerate(slices)]
     if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path):
-        frames = _dicom_frames(path)
+        frames, colour, refusal = _dicom_frames(path)
         if len(frames) == 1:
-            return [Slice(str(path), frames[0], str(path))]
-        return [Slice(f"{path}#frame={k}", pixels, str(path), k) for k, pixels in enumerate(frames)]
+            return [Slice(str(path), frames[0], str(path), colour_share=colour[0], header_refusal=refusal)]
+        return [
+            Slice(f"{path}#frame={k}", pixels, str(path), k, colour_share=colour[k], header_refusal=refusal)
+            for k, pixels in enumerate(frames)
+        ]
     pixels, colour = decode_image_and_colour(path)
     return [Slice(str(path), pixels, str(path), colour_share=colour)]
 

@@ -13,7 +13,9 @@ In front of it sits a pixel rule the features cannot see, as every input is turn
 the network: a picture with more than ``COLOUR_LIMIT`` of its pixels in colour is not an MRI
 slice. No file of the data set comes near it (at most 5.2% coloured pixels, JPEG chroma noise),
 while colour photos score 24-95%; it catches a colour fundus photograph whose features the
-subspace explains well enough to pass (docs/ood/README.md).
+subspace explains well enough to pass (docs/ood/README.md). A DICOM file is also refused when
+its own header says it is not a whole brain MRI slice (``inputs.dicom_refusal``: another
+modality, another body part, or a field of view too small for a head).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def colour_rejects(colour_shares: np.ndarray) -> np.ndarray:
     return np.asarray(colour_shares, dtype=float) > COLOUR_LIMIT
 
 
-def refusal_reason(by_features: bool, by_colour: bool) -> str | None:
-    """The words shown with ``not_brain_mri`` (None when neither rule refused the input)."""
-    reasons = []
+def refusal_reason(by_features: bool, by_colour: bool, by_header: str | None = None) -> str | None:
+    """The words shown with ``not_brain_mri`` (None when no rule refused the input).
+    ``by_header``: what a DICOM header says against the input (``inputs.dicom_refusal``)."""
+    reasons = [by_header] if by_header else []
     if by_colour:
         reasons.append("a colour picture (MRI slices are grey)")
     if by_features:

@@ -204,12 +204,13 @@ class Classifier:
 
     def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None] | None:
         """Why each slice is not a brain MRI (None: it may be one), from the guard's verdicts on
-        the features plus the colour rule (``ood.colour_rejects``: the features only ever see the
-        grey version of an input). None for all when the model has no guard."""
+        the features, the colour rule (``ood.colour_rejects``: the features only ever see the
+        grey version of an input) and a DICOM header's own word (``inputs.dicom_refusal``).
+        None for all when the model has no guard."""
         if by_features is None:
             return None
         by_colour = colour_rejects(np.array([s.colour_share for s in slices]))
-        return [refusal_reason(bool(f), bool(c)) for f, c in zip(by_features, by_colour)]
+        return [refusal_reason(bool(f), bool(c), s.header_refusal) for f, c, s in zip(by_features, by_colour, slices)]
 
     def _result(self, item: Slice, probabilities: np.ndarray, refusals: list[str | None] | None = None, k: int = 0) -> Prediction:
         """The prediction for ``item``; ``refusals[k]`` says why the guard refused it (None: it did
