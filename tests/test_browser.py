@@ -10,10 +10,13 @@ to ``BRAINTUMOR_SCREENSHOT_DIR`` when set.
 from __future__ import annotations
 
 import base64
+import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from conftest import EXAMPLES, live_server
 
 from braintumor.predict import load_model
@@ -75,4 +78,11 @@ def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp
         error = page.locator(".result").first.locator("[data-testid=error]")
         error.wait_for(timeout=30_000)
         assert "unsupported file type" in error.inner_text()
+        grey = np.asarray(Image.open(scan).convert("L"), dtype=np.float32)  # a colour picture of a scan: refused, with the reason
+        tinted = io.BytesIO()
+        Image.fromarray(np.stack([grey, grey * 0.55, grey * 0.2], axis=2).astype(np.uint8)).save(tinted, format="PNG")
+        page.set_input_files("#files", {"name": "tinted.png", "mimeType": "image/png", "buffer": tinted.getvalue()})
+        flag = page.locator(".result").first.locator("[data-testid=ood]")
+        flag.wait_for(timeout=60_000)
+        assert "colour picture" in flag.inner_text()
         page.close()

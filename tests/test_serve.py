@@ -76,6 +76,8 @@ def test_a_colour_picture_of_a_scan_is_refused_by_the_service(client: TestClient
     assert refused["not_brain_mri"] is True and refused["label"] == "not_brain_mri"
     assert refused["not_brain_mri_reason"] == "a colour picture (MRI slices are grey)"
     assert accepted["not_brain_mri"] is False and "not_brain_mri_reason" not in accepted
+    explained = client.post("/v1/explain?format=json", files=[_upload(tinted, "file")]).json()["prediction"]
+    assert explained["not_brain_mri_reason"] == refused["not_brain_mri_reason"] and explained["path"] == "tinted.png"
 
 
 def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_path: Path) -> None:

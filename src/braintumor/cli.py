@@ -203,6 +203,8 @@ def predict(
         else:
             row = "".join(f"{result.probabilities[n]:>11.4f}" for n in classifier.class_names)
             flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
+            if result.not_brain_mri_reason:
+                flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
             typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}")
     for path, slices in volumes.items():
         if json_output:

@@ -30,7 +30,7 @@ from .models import build_efficientnet_b0, fold_batch_norm
 from .onnx_backend import OnnxNetwork, export_model_proto
 from .ood import OODGuard, colour_rejects, refusal_reason, split_guard
 
-ImageInput = str | Path | Image.Image | np.ndarray
+ImageInput = str | Path | Image.Image | np.ndarray | Slice  # a Slice: already read (inputs.read_scan)
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
 # Grad-CAM defaults, chosen by the faithfulness comparison in docs/explanations.md.
 DEFAULT_CAM_METHOD = "layercam"
@@ -250,6 +250,9 @@ class Classifier:
             return Prediction(path=name, error=f"{name}: {exc}")
         return [Slice(name, resize_grey(grey, self.image_size) if resize else grey, name, colour_share=colour_share(array))]
 
+    def _given(self, item: Slice, resize: bool) -> list[Slice]:
+        return [replace(item, pixels=resize_grey(item.pixels, self.image_size))] if resize else [item]
+
     def _slices(self, inputs: Iterable[ImageInput], workers: int, resize: bool = True) -> Iterator[Slice | Prediction]:
         """Decoded slices in input order (a failed file as a Prediction with its error), read by
         worker threads at most a few batches ahead so memory stays bounded."""
@@ -267,6 +270,9 @@ class Classifier:
                     for path in expand_inputs([item]):
                         pending.append(pool.submit(self._read, path, resize))
                         yield from ready(lookahead)
+                elif isinstance(item, Slice):  # keeps what reading found out: colour share, header
+                    pending.append(pool.submit(self._given, item, resize))
+                    yield from ready(lookahead)
                 else:
                     pending.append(pool.submit(self._from_memory, item, number, resize))
                     yield from ready(lookahead)
@@ -280,7 +286,7 @@ class Classifier:
         Args:
             inputs: a path (file, folder or glob), a PIL image, an array, or a list of these.
         """
-        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray, Slice)) else list(inputs)
         queue: list[Slice | Prediction] = []  # slices waiting for a full batch, failures kept in order
         bar = tqdm(desc="predict", unit="img", disable=not progress)
 
@@ -328,7 +334,7 @@ class Classifier:
             raise ConfigError(f"target {target!r} is not one of {', '.join(self.class_names)}")
         request = HeatmapRequest(method, layer, None if target is None else self.class_names.index(target))
         resolve_layer(self.model, layer)  # fail on a bad layer before reading any file
-        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray, Slice)) else list(inputs)
         batch: list[Slice] = []
 
         def flush() -> Iterator[Explanation]:

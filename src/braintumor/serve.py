@@ -315,8 +315,7 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
         item = slices[chosen]
 
         def run() -> tuple[Any, bytes]:
-            explanation = explainer.explain([item.pixels], method=method, target=target, layer=DEFAULT_CAM_LAYER)[0]
-            explanation.prediction.path, explanation.prediction.index = item.source, item.index
+            explanation = explainer.explain([item], method=method, target=target, layer=DEFAULT_CAM_LAYER)[0]
             buffer = io.BytesIO()
             explanation.save_png(buffer)
             return explanation, buffer.getvalue()
