@@ -25,20 +25,23 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # or more (the largest share of coloured pixels in any of the 7,019 files is 5.2%).
 COLOUR_CHROMA = 24
 # Colour statistics are taken on a copy at most this many pixels a side: enough for a share.
-_COLOUR_SIDE = 512
+_COLOUR_SIDE = 1024
 
 
 def colour_share(array: np.ndarray) -> float:
     """Share (0..1) of strongly coloured pixels in an (H, W, 3|4) array; 0 for a grey (H, W) one.
 
     Computed before the conversion to grey that every input goes through, so that the
-    out-of-distribution guard can tell a colour photo from a scan (see ``ood.COLOUR_LIMIT``)."""
+    out-of-distribution guard can tell a colour photo from a scan (see ``ood.COLOUR_LIMIT``).
+    Channel by channel in uint8: a tenth of a millisecond for a 224x224 picture."""
     array = np.asarray(array)
     if array.ndim != 3 or array.shape[2] < 3:
         return 0.0
     step = max(1, -(-max(array.shape[:2]) // _COLOUR_SIDE))
-    rgb = _as_uint8(array[::step, ::step, :3]).astype(np.int16)
-    return float(((rgb.max(2) - rgb.min(2)) > COLOUR_CHROMA).mean())
+    rgb = _as_uint8(array[::step, ::step, :3])
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return float((spread > COLOUR_CHROMA).mean())
 
 
 def _image_colour_share(image: Image.Image) -> float:
