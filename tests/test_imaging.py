@@ -98,6 +98,12 @@ def test_colour_share_counts_coloured_pixels_and_ignores_grey_stored_as_rgb() ->
     pixels, share = decode_image_and_colour(_encode(Image.fromarray(half), "PNG"))
     assert share == 0.5 and pixels.shape == (64, 64)
     big = np.zeros((3000, 2000, 4), np.uint8)
+    big[..., 3] = 255
     big[:, :500, :3] = (0, 0, 255)  # a quarter of a large picture is blue; the share survives subsampling
     assert abs(colour_share(big) - 0.25) < 0.01
     assert colour_share(np.zeros((8, 8))) == 0.0
+    hidden = np.zeros((64, 64, 4), np.uint8)
+    hidden[..., 0] = 255  # red everywhere, but fully transparent: laid on black, as the grey image is
+    assert decode_image_and_colour(_encode(Image.fromarray(hidden, "RGBA"), "PNG"))[1] == 0.0
+    hidden[:16, :, 3] = 255  # a visible red quarter
+    assert decode_image_and_colour(_encode(Image.fromarray(hidden, "RGBA"), "PNG"))[1] == 0.25

@@ -33,12 +33,17 @@ def colour_share(array: np.ndarray) -> float:
 
     Computed before the conversion to grey that every input goes through, so that the
     out-of-distribution guard can tell a colour photo from a scan (see ``ood.COLOUR_LIMIT``).
-    Channel by channel in uint8: a tenth of a millisecond for a 224x224 picture."""
+    Channel by channel in uint8: a tenth of a millisecond for a 224x224 picture. With an alpha
+    channel, the picture is first laid on black, as the grey conversion does, so the colour of
+    transparent pixels does not count."""
     array = np.asarray(array)
     if array.ndim != 3 or array.shape[2] < 3:
         return 0.0
     step = max(1, -(-max(array.shape[:2]) // _COLOUR_SIDE))
     rgb = _as_uint8(array[::step, ::step, :3])
+    if array.shape[2] == 4:
+        alpha = _as_uint8(array[::step, ::step, 3]).astype(np.uint16)
+        rgb = ((rgb * alpha[..., None] + 127) // 255).astype(np.uint8)
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
     return float((spread > COLOUR_CHROMA).mean())
@@ -47,7 +52,8 @@ def colour_share(array: np.ndarray) -> float:
 def _image_colour_share(image: Image.Image) -> float:
     if image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
         return 0.0
-    return colour_share(np.asarray(image.convert("RGB")))
+    transparent = image.mode in ("RGBA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return colour_share(np.asarray(image.convert("RGBA" if transparent else "RGB")))
 
 
 def _to_uint8_grey(image: Image.Image) -> np.ndarray:
