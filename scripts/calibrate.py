@@ -23,22 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from braintumor.cache import load_cached  # noqa: E402
 from braintumor.calibration import choose_threshold, coverage_curve, fit_temperature  # noqa: E402
 from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
-from braintumor.constants import CLASS_NAMES  # noqa: E402
-from braintumor.data import load_split  # noqa: E402
-from braintumor.engine import predict_logits  # noqa: E402
 from braintumor.metrics import expected_calibration_error  # noqa: E402
 from braintumor.predict import default_weights_path, load_model  # noqa: E402
+from shipped_data import decoded_split, network_outputs, validation_names  # noqa: E402  (scripts/ is on the path)
 
 OUT = Path("docs/calibration")
-
-
-def logits_for(classifier, paths: list[Path]) -> np.ndarray:
-    decoded = load_cached(paths, classifier.image_size, None, progress=False)
-    assert decoded.ok.all(), decoded.errors
-    return predict_logits(classifier.model, torch.as_tensor(np.asarray(decoded.pixels)), classifier.runtime).numpy()
 
 
 def kept_accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -53,18 +44,18 @@ def main() -> None:
     parser.add_argument("--target-accuracy", type=float, default=0.99)
     args = parser.parse_args()
     classifier = load_model()
-    split = json.loads(Path("docs/training/split.json").read_text())
-    val_paths = [args.data / "Training" / Path(p).relative_to(Path(p).parents[1]) for p in split["val_paths"]]
-    val_labels = np.array([CLASS_NAMES.index(p.parent.name) for p in val_paths])
-    val_logits = logits_for(classifier, val_paths)
+    training, training_pixels = decoded_split(args.data, "Training")
+    is_val = np.array([s.path.name in validation_names() for s in training])
+    val_labels = np.array([s.label for s in training])[is_val]
+    val_logits = network_outputs(classifier, training_pixels[is_val])[0]
     temperature = fit_temperature(val_logits, val_labels)
     raw, calibrated = (torch.softmax(torch.as_tensor(val_logits) / t, 1).numpy() for t in (1.0, temperature))
     correct = calibrated.argmax(1) == val_labels
     threshold = choose_threshold(calibrated.max(1), correct, args.target_accuracy)
 
-    testing = load_split(args.data, "Testing")
+    testing, testing_pixels = decoded_split(args.data, "Testing")
     test_labels = np.array([s.label for s in testing])
-    test_probabilities = torch.softmax(torch.as_tensor(logits_for(classifier, [s.path for s in testing])) / temperature, 1).numpy()
+    test_probabilities = torch.softmax(torch.as_tensor(network_outputs(classifier, testing_pixels)[0]) / temperature, 1).numpy()
     leak_free = set((Path("docs/audit/leak_free_testing.txt").read_text()).split())
     clean = np.array([str(s.path.relative_to(args.data)) in leak_free for s in testing])
     summary = {

@@ -30,16 +30,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from braintumor.cache import load_cached  # noqa: E402
 from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
-from braintumor.data import load_split  # noqa: E402
-from braintumor.engine import predict_logits_and_features  # noqa: E402
 from braintumor.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
 from braintumor.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
 from braintumor.predict import default_weights_path, load_model  # noqa: E402
+from shipped_data import decoded_split, network_outputs, validation_names  # noqa: E402  (scripts/ is on the path)
 
 
 def _chart(kind: str) -> np.ndarray:
@@ -135,20 +132,17 @@ def main() -> None:
     parser.add_argument("--keep-weights", action="store_true", help="measure only; leave the packaged guard as it is")
     args = parser.parse_args()
     classifier = load_model()
-    runtime, model = classifier.runtime, classifier.model
 
     def features(pixels: np.ndarray) -> np.ndarray:
-        return predict_logits_and_features(model, torch.as_tensor(np.asarray(pixels)), runtime)[1].double().numpy()
+        return network_outputs(classifier, pixels)[1]
 
-    training = load_split(args.data, "Training")
-    val_names = {Path(p).name for p in json.loads(Path("docs/training/split.json").read_text())["val_paths"]}
-    decoded = load_cached([s.path for s in training], 224, None, progress=False)
-    is_val = np.array([s.path.name in val_names for s in training])
-    all_features = features(decoded.pixels)
+    training, training_pixels = decoded_split(args.data, "Training")
+    is_val = np.array([s.path.name in validation_names() for s in training])
+    all_features = features(training_pixels)
     guard = fit_guard(all_features[~is_val], all_features[is_val], args.percentile)
 
-    testing = load_split(args.data, "Testing")
-    test_features = features(load_cached([s.path for s in testing], 224, None, progress=False).pixels)
+    testing, testing_pixels = decoded_split(args.data, "Testing")
+    test_features = features(testing_pixels)
     test_rejected = guard.rejects(test_features)
     others = non_mri_images()
     other_pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in others.values()])

@@ -17,7 +17,6 @@ The figures are quoted in docs/ood/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,10 @@ from fit_ood import held_out_images, non_mri_images  # scripts/ is on the path w
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from braintumor.cache import load_cached
-from braintumor.data import load_split
-from braintumor.engine import predict_logits_and_features
 from braintumor.imaging import array_to_grey, resize_grey
 from braintumor.ood import OODGuard
 from braintumor.predict import load_model
+from shipped_data import decoded_split, network_outputs, validation_names
 
 FIGURE = "Te-meTr_0002.jpg"
 BORDER = 12
@@ -67,16 +64,12 @@ def main() -> None:
     classifier = load_model()
 
     def features(pixels: np.ndarray) -> np.ndarray:
-        import torch
+        return network_outputs(classifier, pixels)[1]
 
-        return predict_logits_and_features(classifier.model, torch.as_tensor(pixels), classifier.runtime)[1].double().numpy()
-
-    training = load_split(args.data, "Training")
-    val_names = {Path(p).name for p in json.loads(Path("docs/training/split.json").read_text())["val_paths"]}
-    is_val = np.array([s.path.name in val_names for s in training])
-    train_features = features(load_cached([s.path for s in training], 224, None, progress=False).pixels)
-    testing = load_split(args.data, "Testing")
-    test_pixels = load_cached([s.path for s in testing], 224, None, progress=False).pixels
+    training, training_pixels = decoded_split(args.data, "Training")
+    is_val = np.array([s.path.name in validation_names() for s in training])
+    train_features = features(training_pixels)
+    testing, test_pixels = decoded_split(args.data, "Testing")
     figure = [s.path.name for s in testing].index(FIGURE)
     figure_pixels = test_pixels[figure : figure + 1]
     figure_features = features(figure_pixels)
