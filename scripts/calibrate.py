@@ -27,7 +27,7 @@ from braintumor.calibration import choose_threshold, coverage_curve, fit_tempera
 from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
 from braintumor.metrics import expected_calibration_error  # noqa: E402
 from braintumor.predict import default_weights_path, load_model  # noqa: E402
-from shipped_data import decoded_split, network_outputs, validation_names  # noqa: E402  (scripts/ is on the path)
+from shipped_data import decoded_split, network_outputs, validation_mask  # noqa: E402  (scripts/ is on the path)
 
 OUT = Path("docs/calibration")
 
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     classifier = load_model()
     training, training_pixels = decoded_split(args.data, "Training")
-    is_val = np.array([s.path.name in validation_names() for s in training])
+    is_val = validation_mask(training)
     val_labels = np.array([s.label for s in training])[is_val]
     val_logits = network_outputs(classifier, training_pixels[is_val])[0]
     temperature = fit_temperature(val_logits, val_labels)

@@ -36,7 +36,7 @@ from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
 from braintumor.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
 from braintumor.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
 from braintumor.predict import default_weights_path, load_model  # noqa: E402
-from shipped_data import decoded_split, network_outputs, validation_names  # noqa: E402  (scripts/ is on the path)
+from shipped_data import network_outputs, split_features, validation_mask  # noqa: E402  (scripts/ is on the path)
 
 
 def _chart(kind: str) -> np.ndarray:
@@ -136,13 +136,10 @@ def main() -> None:
     def features(pixels: np.ndarray) -> np.ndarray:
         return network_outputs(classifier, pixels)[1]
 
-    training, training_pixels = decoded_split(args.data, "Training")
-    is_val = np.array([s.path.name in validation_names() for s in training])
-    all_features = features(training_pixels)
+    training, _, all_features = split_features(classifier, args.data, "Training")
+    is_val = validation_mask(training)
     guard = fit_guard(all_features[~is_val], all_features[is_val], args.percentile)
-
-    testing, testing_pixels = decoded_split(args.data, "Testing")
-    test_features = features(testing_pixels)
+    testing, _, test_features = split_features(classifier, args.data, "Testing")
     test_rejected = guard.rejects(test_features)
     others = non_mri_images()
     other_pixels = np.stack([resize_grey(array_to_grey(image), 224) for image in others.values()])

@@ -27,7 +27,7 @@ from sklearn.decomposition import PCA
 from braintumor.imaging import array_to_grey, resize_grey
 from braintumor.ood import OODGuard
 from braintumor.predict import load_model
-from shipped_data import decoded_split, network_outputs, validation_names
+from shipped_data import decoded_split, network_outputs, split_features, validation_mask
 
 FIGURE = "Te-meTr_0002.jpg"
 BORDER = 12
@@ -66,9 +66,8 @@ def main() -> None:
     def features(pixels: np.ndarray) -> np.ndarray:
         return network_outputs(classifier, pixels)[1]
 
-    training, training_pixels = decoded_split(args.data, "Training")
-    is_val = np.array([s.path.name in validation_names() for s in training])
-    train_features = features(training_pixels)
+    training, _, train_features = split_features(classifier, args.data, "Training")
+    is_val = validation_mask(training)
     testing, test_pixels = decoded_split(args.data, "Testing")
     figure = [s.path.name for s in testing].index(FIGURE)
     figure_pixels = test_pixels[figure : figure + 1]

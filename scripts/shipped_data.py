@@ -20,9 +20,10 @@ from braintumor.predict import Classifier
 SPLIT_FILE = Path("docs/training/split.json")
 
 
-def validation_names() -> set[str]:
-    """File names of the shipped model's validation images (names are unique across classes)."""
-    return {Path(p).name for p in json.loads(SPLIT_FILE.read_text())["val_paths"]}
+def validation_mask(samples: list[Sample]) -> np.ndarray:
+    """True for the samples the shipped model validated on (file names are unique across classes)."""
+    names = {Path(p).name for p in json.loads(SPLIT_FILE.read_text())["val_paths"]}
+    return np.array([s.path.name in names for s in samples])
 
 
 def decoded_split(data: Path, split: str, size: int = 224) -> tuple[list[Sample], np.ndarray]:
@@ -31,6 +32,12 @@ def decoded_split(data: Path, split: str, size: int = 224) -> tuple[list[Sample]
     decoded = load_cached([s.path for s in samples], size, None, progress=False)
     assert decoded.ok.all(), decoded.errors  # the Kaggle set has no unreadable file
     return samples, decoded.pixels
+
+
+def split_features(classifier: Classifier, data: Path, split: str) -> tuple[list[Sample], np.ndarray, np.ndarray]:
+    """The samples of a split, their decoded pixels and the network's pooled features of them."""
+    samples, pixels = decoded_split(data, split)
+    return samples, pixels, network_outputs(classifier, pixels)[1]
 
 
 def network_outputs(classifier: Classifier, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

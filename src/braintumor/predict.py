@@ -200,23 +200,21 @@ class Classifier:
         pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
         probabilities, rejected = self.infer(pixels, batch_size)
         refusals = self._refusals(slices, rejected)
-        return [self._result(s, probabilities[k], refusals, k) for k, s in enumerate(slices)]
+        return [self._result(s, probabilities[k], refusals[k]) for k, s in enumerate(slices)]
 
-    def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None] | None:
+    def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None]:
         """Why each slice is not a brain MRI (None: it may be one), from the guard's verdicts on
         the features, the colour rule (``ood.colour_rejects``: the features only ever see the
         grey version of an input) and a DICOM header's own word (``inputs.dicom_refusal``).
-        None for all when the model has no guard."""
+        All None when the model has no guard."""
         if by_features is None:
-            return None
+            return [None] * len(slices)
         by_colour = colour_rejects(np.array([s.colour_share for s in slices]))
         return [refusal_reason(bool(f), bool(c), s.header_refusal) for f, c, s in zip(by_features, by_colour, slices)]
 
-    def _result(self, item: Slice, probabilities: np.ndarray, refusals: list[str | None] | None = None, k: int = 0) -> Prediction:
-        """The prediction for ``item``; ``refusals[k]`` says why the guard refused it (None: it did
-        not; ``refusals`` None: the model has no guard)."""
-        refusal = None if refusals is None else refusals[k]
-        rejected = None if refusals is None else refusal is not None
+    def _result(self, item: Slice, probabilities: np.ndarray, refusal: str | None = None) -> Prediction:
+        """The prediction for ``item``; ``refusal`` says why the guard refused it (None: it did not)."""
+        rejected = None if self.guard is None else refusal is not None
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
@@ -344,7 +342,7 @@ class Classifier:
             probabilities, rejected = self.infer(resized, batch_size)
             refusals = self._refusals(batch, rejected)
             for k, (item, heatmap) in enumerate(zip(batch, heatmaps)):
-                prediction = self._result(item, probabilities[k], refusals, k)
+                prediction = self._result(item, probabilities[k], refusals[k])
                 explained = target or self.class_names[int(raw[k].argmax())]
                 yield Explanation(prediction, resize_heatmap(heatmap, item.pixels.shape), item.pixels, explained, method, layer)
             batch.clear()
