@@ -61,7 +61,7 @@ def main() -> None:
         chosen.extend(sorted(rng.choice(members, size=min(args.per_class, len(members)), replace=False)))
     decoded = load_cached([samples[i].path for i in chosen], classifier.image_size, None, progress=False)
     pixels, labels = decoded.pixels, np.array([samples[i].label for i in chosen])
-    model = classifier.model
+    model, prep = classifier.model, classifier.preprocessing
     results: dict[str, dict] = {}
     baseline_maps = random_blobs(rng, len(pixels), pixels.shape[-1])
     for method in METHODS + ("random",):
@@ -71,14 +71,14 @@ def main() -> None:
             for start in range(0, len(pixels), args.batch_size):
                 batch = pixels[start : start + args.batch_size]
                 if method == "random":
-                    _, probabilities = compute_heatmaps(model, batch, HeatmapRequest("gradcam", LAYERS[0]))
+                    _, probabilities = compute_heatmaps(model, batch, HeatmapRequest("gradcam", LAYERS[0]), prep)
                     heatmaps = baseline_maps[start : start + args.batch_size]
                 else:
-                    heatmaps, probabilities = compute_heatmaps(model, batch, HeatmapRequest(method, layer))
+                    heatmaps, probabilities = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep)
                 predicted = probabilities.argmax(1)
                 for fraction in FRACTIONS:
-                    drops[f"drop_{int(fraction * 100)}"].extend(deletion_drop(model, batch, heatmaps, predicted, fraction))
-                drops["keep_20"].extend(deletion_drop(model, batch, 1.0 - heatmaps, predicted, 0.2))
+                    drops[f"drop_{int(fraction * 100)}"].extend(deletion_drop(model, batch, heatmaps, predicted, fraction, prep))
+                drops["keep_20"].extend(deletion_drop(model, batch, 1.0 - heatmaps, predicted, 0.2, prep))
             key = "random blobs" if method == "random" else f"{method} @ {layer}"
             results[key] = {name: float(np.mean(values)) for name, values in drops.items()}
             results[key]["score"] = score(results[key])
@@ -91,7 +91,7 @@ def main() -> None:
     area: dict[str, list[float]] = {name: [] for name in classifier.class_names}
     for start in range(0, len(pixels), args.batch_size):
         batch = pixels[start : start + args.batch_size]
-        heatmaps, _ = compute_heatmaps(model, batch, HeatmapRequest(method, layer))
+        heatmaps, _ = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep)
         for grey, heatmap, label in zip(batch, heatmaps, labels[start : start + args.batch_size]):
             mask = brain_mask(np.asarray(grey))
             coverage[classifier.class_names[label]].append(share_inside(heatmap, mask))

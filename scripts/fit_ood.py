@@ -1,21 +1,27 @@
-"""Fit the out-of-distribution guard of the shipped model and measure it.
+"""Fit a model's out-of-distribution guard (both of its thresholds) and measure it.
 
-Run: python scripts/fit_ood.py --data DATA_ROOT
+Run: python scripts/fit_ood.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--keep-weights]
 
-Fits the guard (see braintumor.ood) on the features of the shipped model's training images
-(Training minus the validation split in docs/training/split.json), sets its threshold at the
-99.5th percentile of the validation scans' distances, stores it in the packaged weights, and
-reports how many real Testing scans it wrongly rejects and which of a set of non-MRI images it
-catches: photos shipped with scikit-learn and matplotlib, rendered charts, a logo, blank, noise,
-gradient and checkerboard images (the set the guard was designed on). It then measures the
-guard as predict applies it (features plus the colour rule, braintumor.ood.COLOUR_LIMIT) on a
-second, held-out set: every picture scikit-image ships (photos, micrographs, a fundus
+Fits the guard (see braintumor.ood) on the features of the model's training images (Training minus
+the validation split in docs/training/split.json) and sets its two thresholds on real scans only:
+- ``range_threshold`` (outside the validated range): the ``--range-percentile`` (99) of the
+  validation scans' scores; a slice beyond it is classified but flagged, as the validation
+  accuracy does not vouch for it;
+- ``threshold`` (not a brain MRI slice: refused): the ``--percentile`` (99.5) of the scores of the
+  validation scans and of the same scans under every shift of the shift suite (braintumor.shifts),
+  whichever is higher, so that a real slice that only looks as if another scanner made it is not
+  refused.
+It then reports how many real scans each rule refuses and flags (official Testing; the external
+set, which nothing was fitted on) and which non-MRI images it catches: photos shipped with
+scikit-learn and matplotlib, rendered charts, a logo, blank, noise, gradient and checkerboard
+images (the design set), and, as predict applies it (features plus the colour rule,
+braintumor.ood.COLOUR_LIMIT), every picture scikit-image ships (photos, micrographs, a fundus
 photograph, a head phantom, text, faces), which no design decision looked at; and the colour
 rule's share on every real file of the data set. Last, medical images that are not brain MRI
 slices, from the sample DICOM files pydicom ships (a chest CT, a head CT, a 2 cm crop of a head
 MR, an abdominal MR, a nuclear-medicine bone scan, a segmentation mask, a test pattern, an
 ultrasound cine loop), classified through `predict` as a user would, header rule included.
-Writes docs/ood/ood.json; --keep-weights measures without rewriting the packaged guard.
+Writes docs/ood/ood.json; --keep-weights measures without rewriting the weights' guard.
 """
 
 from __future__ import annotations
@@ -31,12 +37,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from shipped_data import (  # noqa: E402  (scripts/ is on the path)
+    classifier_for,
+    decoded_split,
+    labels_of,
+    network_outputs,
+    shifted_suite,
+    split_features,
+    validation_mask,
+    weights_argument,
+)
 
 from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
 from braintumor.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
 from braintumor.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
-from braintumor.predict import default_weights_path, load_model  # noqa: E402
-from shipped_data import network_outputs, split_features, validation_mask  # noqa: E402  (scripts/ is on the path)
 
 
 def _chart(kind: str) -> np.ndarray:
@@ -123,22 +137,42 @@ def matplotlib_mri() -> np.ndarray:
     return np.frombuffer(raw, np.uint16).reshape(256, 256)
 
 
+def fit_thresholds(guard, val_scores: np.ndarray, shifted_scores: np.ndarray, args) -> None:
+    """Set both thresholds from real scans' scores (see the module docstring)."""
+    guard.range_threshold = float(np.percentile(val_scores, args.range_percentile))
+    guard.threshold = float(max(np.percentile(val_scores, args.percentile), np.percentile(shifted_scores, args.percentile)))
+
+
+def real_scan_rates(guard, scores: np.ndarray) -> dict[str, float | int]:
+    refused = scores > guard.threshold
+    outside = (scores > guard.range_threshold) & ~refused
+    return {"n": int(len(scores)), "refused": int(refused.sum()), "refused_rate": float(refused.mean()),
+            "outside_range": int(outside.sum()), "outside_range_rate": float(outside.mean())}
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--external", type=Path, default=None, help="a class-folder set from elsewhere, measured only")
     parser.add_argument("--percentile", type=float, default=99.5)
-    parser.add_argument("--keep-weights", action="store_true", help="measure only; leave the packaged guard as it is")
+    parser.add_argument("--range-percentile", type=float, default=99.0)
+    parser.add_argument("--keep-weights", action="store_true", help="measure only; leave the weights' guard as it is")
+    weights_argument(parser)
     args = parser.parse_args()
-    classifier = load_model()
+    classifier, weights = classifier_for(args.weights)
 
     def features(pixels: np.ndarray) -> np.ndarray:
         return network_outputs(classifier, pixels)[1]
 
-    training, _, all_features = split_features(classifier, args.data, "Training")
+    training, training_pixels, all_features = split_features(classifier, args.data, "Training")
     is_val = validation_mask(training)
     guard = fit_guard(all_features[~is_val], all_features[is_val], args.percentile)
+    shifted_pixels, _ = shifted_suite(training_pixels[is_val], labels_of(training)[is_val])
+    val_scores, shifted_scores = guard.score(all_features[is_val]), guard.score(features(shifted_pixels))
+    fit_thresholds(guard, val_scores, shifted_scores, args)
+    classifier.guard = guard
     testing, _, test_features = split_features(classifier, args.data, "Testing")
     test_rejected = guard.rejects(test_features)
     others = non_mri_images()
@@ -159,10 +193,19 @@ def main() -> None:
     held_out = measured(held_out_images())
     real_shares = np.array([decode_image_and_colour(s.path)[1] for s in training + testing])
     mri_distance = float(guard.score(features(resize_grey(array_to_grey(matplotlib_mri()), 224)[None]))[0])
+    real_scans = {"validation": real_scan_rates(guard, val_scores), "validation, shift suite": real_scan_rates(guard, shifted_scores),
+                  "official Testing": real_scan_rates(guard, guard.score(test_features))}
+    if args.external is not None:
+        external, external_pixels = decoded_split(args.external, None)
+        real_scans["external (not fitted on)"] = real_scan_rates(guard, guard.score(features(external_pixels)))
     summary = {
+        "weights": str(args.weights) if args.weights else "packaged weights",
         "threshold": guard.threshold,
-        "percentile_of_validation": args.percentile,
+        "range_threshold": guard.range_threshold,
+        "percentile": args.percentile,
+        "range_percentile_of_validation": args.range_percentile,
         "validation_images": int(is_val.sum()),
+        "real_scans": real_scans,
         "testing_wrongly_rejected": int(test_rejected.sum()),
         "testing_images": len(testing),
         "testing_rejection_rate": float(test_rejected.mean()),
@@ -185,13 +228,13 @@ def main() -> None:
         "medical_dicoms": medical_dicom_results(classifier),
     }
     if not args.keep_weights:
-        tensors, metadata = load_weights(default_weights_path())
+        tensors, metadata = load_weights(weights)
         tensors = {k: v for k, v in tensors.items() if not k.startswith("ood.")} | guard.to_tensors()
         metadata["ood_guard"] = {
-            k: summary[k] for k in ("threshold", "percentile_of_validation", "testing_rejection_rate", "non_mri_caught",
-                                    "non_mri_images", "held_out_caught", "held_out_images")
+            k: summary[k] for k in ("threshold", "range_threshold", "percentile", "range_percentile_of_validation",
+                                    "testing_rejection_rate", "non_mri_caught", "non_mri_images", "held_out_caught", "held_out_images")
         } | {"colour_limit": COLOUR_LIMIT}
-        save_weights(tensors, default_weights_path(), metadata)
+        save_weights(tensors, weights, metadata)
     Path("docs/ood").mkdir(parents=True, exist_ok=True)
     Path("docs/ood/ood.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("testing_rejected_paths", "non_mri", "held_out")}, indent=2))

@@ -1,7 +1,9 @@
-"""What the scripts that fit and measure the shipped model's calibration and guard share.
+"""What the scripts that fit and measure a model's calibration and guard share.
 
-The validation split the shipped model was selected on (``docs/training/split.json``: leak-free,
-never trained on), the decoded Kaggle splits, and the network's logits and pooled features.
+The validation split the model was selected on (``docs/training/split.json``: leak-free, never
+trained on), the decoded Kaggle splits and an external class-folder set, the same validation
+images under every shift of the shift suite (``braintumor.shifts``), and the network's logits and
+pooled features.
 """
 
 from __future__ import annotations
@@ -13,25 +15,49 @@ import numpy as np
 import torch
 
 from braintumor.cache import load_cached
-from braintumor.data import Sample, load_split
+from braintumor.data import Sample, load_split, resolve_split_dir, scan_class_folders
 from braintumor.engine import predict_logits_and_features
-from braintumor.predict import Classifier
+from braintumor.predict import Classifier, default_weights_path, load_model
+from braintumor.shifts import SHIFTS
 
 SPLIT_FILE = Path("docs/training/split.json")
 
 
+def weights_argument(parser) -> None:
+    """The --weights option every fitting script takes (default: the packaged weights)."""
+    parser.add_argument("--weights", type=Path, default=None, help="weights file to fit and rewrite (default: the packaged model)")
+
+
+def classifier_for(weights: Path | None) -> tuple[Classifier, Path]:
+    """The classifier of ``weights`` (the packaged model when None), on the CPU, and its path."""
+    path = weights or default_weights_path()
+    return load_model(path, device="cpu"), path
+
+
 def validation_mask(samples: list[Sample]) -> np.ndarray:
-    """True for the samples the shipped model validated on (file names are unique across classes)."""
+    """True for the samples the model validated on (file names are unique across classes)."""
     names = {Path(p).name for p in json.loads(SPLIT_FILE.read_text())["val_paths"]}
     return np.array([s.path.name in names for s in samples])
 
 
-def decoded_split(data: Path, split: str, size: int = 224) -> tuple[list[Sample], np.ndarray]:
-    """The samples of ``Training`` or ``Testing`` and their decoded (N, size, size) pixels."""
-    samples = load_split(data, split)
+def decoded_split(data: Path, split: str | None, size: int = 224) -> tuple[list[Sample], np.ndarray]:
+    """The samples of ``Training`` or ``Testing`` (or, with ``split`` None, of a plain class-folder
+    root such as the external set) and their decoded (N, size, size) pixels."""
+    samples = load_split(data, split) if split else scan_class_folders(resolve_split_dir(data, "Testing"))
     decoded = load_cached([s.path for s in samples], size, None, progress=False)
-    assert decoded.ok.all(), decoded.errors  # the Kaggle set has no unreadable file
-    return samples, decoded.pixels
+    assert decoded.ok.all(), decoded.errors  # neither set has an unreadable file
+    return samples, np.asarray(decoded.pixels)
+
+
+def labels_of(samples: list[Sample]) -> np.ndarray:
+    return np.array([s.label for s in samples])
+
+
+def shifted_suite(pixels: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every shift of the suite applied to ``pixels``, stacked: (len(SHIFTS) * N, S, S) and labels.
+    Real scans made to look as if they came from elsewhere: what the flags are fitted on."""
+    shifted = [SHIFTS[name](pixels, labels, seed) for name in SHIFTS]
+    return np.concatenate(shifted), np.tile(labels, len(shifted))
 
 
 def split_features(classifier: Classifier, data: Path, split: str) -> tuple[list[Sample], np.ndarray, np.ndarray]:
@@ -42,5 +68,7 @@ def split_features(classifier: Classifier, data: Path, split: str) -> tuple[list
 
 def network_outputs(classifier: Classifier, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Logits before temperature scaling (float32) and pooled features (float64) of (N, S, S) pixels."""
-    logits, features = predict_logits_and_features(classifier.model, torch.as_tensor(np.asarray(pixels)), classifier.runtime)
+    logits, features = predict_logits_and_features(
+        classifier.model, torch.as_tensor(np.asarray(pixels)), classifier.runtime, preprocessing=classifier.preprocessing
+    )
     return logits.numpy(), features.double().numpy()

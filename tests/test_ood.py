@@ -48,7 +48,10 @@ def test_flag_appears_in_predict_json(tmp_path: Path) -> None:
     output = CliRunner().invoke(app, ["predict", str(tmp_path / "flower.jpg"), str(EXAMPLES / "notumor"), "--json"])
     objects = json.loads(output.stdout)
     assert objects[0]["not_brain_mri"] is True and objects[0]["label"] == NOT_BRAIN_MRI
-    assert "colour picture" in objects[0]["not_brain_mri_reason"] and "training scan" in objects[0]["not_brain_mri_reason"]
+    # The features alone pass this photo since the refusal threshold was fitted on shifted real
+    # scans (docs/ood/README.md); the colour rule refuses it, and says so.
+    assert "colour picture" in objects[0]["not_brain_mri_reason"]
+    assert objects[0]["outside_validated_range"] is False  # refused, so not classified at all
     assert len(objects) == 4 and all(o["not_brain_mri"] is False for o in objects[1:])
 
 
@@ -76,7 +79,8 @@ def test_colour_pictures_are_refused_though_their_grey_version_passes(tmp_path: 
     assert from_array.label == from_file.label == NOT_BRAIN_MRI
     assert from_file.not_brain_mri_reason == "a colour picture (MRI slices are grey)"
     assert grey_file.not_brain_mri_reason is None and "not_brain_mri_reason" not in grey_file.to_dict()
-    assert from_array.probabilities == grey_array.probabilities  # the classifier's view is unchanged
+    # the classifier's view is unchanged (to float rounding, which may differ by batch position)
+    assert from_array.probabilities == pytest.approx(grey_array.probabilities, abs=1e-6)
 
 
 def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> None:

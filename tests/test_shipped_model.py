@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from braintumor.checkpoint import read_metadata
 from braintumor.evaluation import evaluate
 from braintumor.predict import default_weights_path, load_model
@@ -32,3 +34,22 @@ def test_shipped_model_reproduces_its_published_figures_on_the_testing_split(rea
     assert abs(report["leak_free"]["accuracy"] - published["leak_free"]["accuracy"]) <= 1 / 230
     assert report["leak_free"]["n_images"] == published["leak_free"]["n_images"] == 230
     assert report["accuracy"] >= 0.98 and report["leak_free"]["accuracy"] >= 0.96
+
+
+PMRAM_REPORT = Path(__file__).resolve().parents[1] / "docs" / "generalisation" / "shipped" / "pmram" / "report.json"
+
+
+def test_shipped_model_reproduces_its_external_figures(real_data: Path) -> None:
+    """The external set beside the Kaggle set (../shared/data/pmram-external in CI): the published
+    accuracy, refusals and silent wrong answers (docs/generalisation/README.md) within one image."""
+    external = real_data.parent / "pmram-external"
+    if not external.is_dir():
+        pytest.skip(f"{external} is not here")
+    published = json.loads(PMRAM_REPORT.read_text())
+    report = evaluate(external, load_model(), bootstrap=0, progress=False)
+    assert report["n_images"] == published["n_images"] == 626
+    assert abs(report["accuracy"] - published["accuracy"]) <= 1 / 626
+    answers, expected = report["answers"], published["answers"]
+    for key in ("refused_not_brain_mri", "flagged_outside_validated_range", "silent_wrong"):
+        assert abs(answers[key]["n"] - expected[key]["n"]) <= 1, key
+    assert answers["silent_wrong"]["rate"] <= 0.005 and answers["refused_not_brain_mri"]["rate"] <= 0.01

@@ -24,7 +24,9 @@ def _config(data: Path, out: Path, **overrides: object):
 
 def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = fit(_config(kaggle_tree, out, epochs=4, lr=1e-3, init="lite0"), progress=False)
+    # Without augmentation the 36 training images are the same every epoch, so the fall in loss is
+    # the optimiser's doing and not the luck of the draws (augmentation is tested on its own).
+    result = fit(_config(kaggle_tree, out, epochs=4, lr=1e-3, init="lite0", augment=False), progress=False)
     history = result["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for name in ("config.yaml", "split.json", "metrics.jsonl", "learning_curves.png", "best.safetensors", "last.pt"):

@@ -102,11 +102,39 @@ def _print_report(report: dict) -> None:
         flag = report["uncertainty"]
         typer.echo(f"flagged uncertain (confidence < {flag['threshold']:.3f}): {flag['n_flagged']} scans holding "
                    f"{flag['errors_flagged']} of the errors; accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
+    answers = report.get("answers")
+    if answers is not None:
+        typer.echo(f"outside the validated range (classified, flagged): {answers['flagged_outside_validated_range']['n']}; "
+                   f"silent wrong answers (wrong, with no flag): {answers['silent_wrong']['n']} "
+                   f"({answers['silent_wrong']['rate']:.2%})")
     if "leak_free" in report:
         clean = report["leak_free"]
         typer.echo(f"leak-free subset ({clean['n_images']} Testing images with no near duplicate in Training): "
                    f"accuracy {clean['accuracy']:.4f}{_interval(clean, 'accuracy_ci95')}  weighted F1 {clean['weighted_f1']:.4f}  "
                    f"({clean['n_errors']} errors)")
+
+
+def _shift_names() -> list[str]:
+    from .shifts import SHIFTS
+
+    return list(SHIFTS)
+
+
+def _print_shift_report(report: dict) -> None:
+    """One row per shift: accuracy (and its change), weighted F1, flip rate, share refused as not brain MRI."""
+    typer.echo(f"{report['data']} ({report['split']}): {report['n_images']} images, {report['n_skipped']} skipped, "
+               f"seed {report['seed']}")
+    typer.echo(f"{'shift':<16}{'accuracy':>9}{'change':>8}{'wF1':>8}{'flips':>8}{'rejected':>10}{'outside':>9}{'silent':>8}")
+    rows = [("unshifted", report["baseline"])] + list(report["shifts"].items())
+    for name, row in rows:
+        rejected = row["rejected_as_not_brain_mri"]
+        change = row.get("accuracy_change", 0.0)
+        answers = row["answers"]
+        typer.echo(f"{name:<16}{row['accuracy']:>9.4f}{change:>+8.4f}{row['weighted_f1']:>8.4f}{row['flip_rate']:>8.2%}"
+                   f"{'-' if rejected is None else format(rejected['rate'], '.2%'):>10}"
+                   f"{answers['flagged_outside_validated_range']['rate']:>9.2%}{answers['silent_wrong']['rate']:>8.2%}")
+    typer.echo("flips: share of images whose predicted class differs from the unshifted prediction; outside: flagged "
+               "outside the validated range; silent: wrong with no flag (not refused, not uncertain, not outside)")
 
 
 @app.command()
@@ -120,23 +148,44 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     leak_free: bool = typer.Option(True, "--leak-free/--no-leak-free", help="Also report the Testing images with no near duplicate in Training."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
+    shift: Optional[str] = typer.Option(
+        None, "--shift", metavar="NAME[,NAME...]|all",
+        help="Instead of the normal report (--bootstrap, --leak-free unused), run the robustness suite: the same "
+             "images unshifted and under each named appearance shift (labels unchanged): accuracy, weighted F1, flip "
+             "rate, rejections; with --out, shifts.json, shifts.png and shift_examples.png. Shifts: all, "
+             + ", ".join(_shift_names()) + "."),
+    seed: int = typer.Option(0, min=0, help="Seed of the random shifts (--shift): same seed, same pixels."),
 ) -> None:
-    """Accuracy, F1, per-class figures, confusion matrix, ROC-AUC and bootstrap intervals."""
+    """Accuracy, F1, per-class figures, confusion matrix, ROC-AUC and bootstrap intervals; or, with --shift,
+    accuracy under seeded appearance shifts."""
     import json
 
     from .evaluation import evaluate as run_evaluation
+    from .evaluation import evaluate_shifts
     from .predict import load_model
+    from .shifts import resolve_shifts
 
     _setup_logging()
     try:
+        names = resolve_shifts(shift) if shift is not None else None  # a typo fails before the model loads
         classifier = load_model(weights, device=device, tta=tta)
-        report = run_evaluation(
-            data, classifier, out, batch_size=batch_size, bootstrap=bootstrap, progress=not json_output, leak_free=leak_free
-        )
+        if names is not None:
+            report = evaluate_shifts(
+                data, classifier, names, seed=seed, batch_size=batch_size, out_dir=out, progress=not json_output
+            )
+        else:
+            report = run_evaluation(
+                data, classifier, out, batch_size=batch_size, bootstrap=bootstrap, progress=not json_output,
+                leak_free=leak_free,
+            )
     except BraintumorError as exc:
         _fail(str(exc))
     if json_output:
         typer.echo(json.dumps(report))
+    elif names is not None:
+        _print_shift_report(report)
+        if out is not None:
+            typer.echo(f"shifts.json, shifts.png and shift_examples.png in {out}")
     else:
         _print_report(report)
         if out is not None:
@@ -180,7 +229,7 @@ def predict(
         except OSError as exc:
             _fail(f"{csv_file}: cannot write CSV ({exc.strerror})")
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *classifier.class_names, "error"])
+        writer.writerow(["path", "label", "confidence", *classifier.class_names, "uncertain", "not_brain_mri", "outside_validated_range", "error"])
     failures, first = 0, True
     volumes: dict[str, list] = {}
     if json_output:
@@ -194,7 +243,8 @@ def predict(
         if writer is not None:
             probabilities = [f"{result.probabilities[n]:.6f}" if result.probabilities else "" for n in classifier.class_names]
             confidence = f"{result.confidence:.6f}" if result.confidence is not None else ""
-            writer.writerow([result.path, result.label or "", confidence, *probabilities, result.error or ""])
+            flags = [_csv_flag(result.uncertain), _csv_flag(result.not_brain_mri), _csv_flag(result.outside_validated_range)]
+            writer.writerow([result.path, result.label or "", confidence, *probabilities, *flags, result.error or ""])
         if json_output:
             typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
             first = False
@@ -205,6 +255,8 @@ def predict(
             flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
             if result.not_brain_mri_reason:
                 flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
+            if result.outside_validated_range_reason:
+                flag += f"  OUTSIDE THE VALIDATED RANGE: {result.outside_validated_range_reason}"
             typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}")
     for path, slices in volumes.items():
         if json_output:
@@ -271,17 +323,30 @@ def audit(
     data: Path = typer.Argument(..., help="Data root: Kaggle layout or a folder of class folders."),
     out: Path = typer.Option(..., help="Folder for audit.md, audit.json, contact sheets and the leak-free manifest."),
     threshold: int = typer.Option(4, min=0, max=32, help="Near-duplicate threshold in hash bits."),
+    shortcuts: bool = typer.Option(
+        True, "--shortcuts/--no-shortcuts", help="Also audit how well trivial cues (grey level, sharpness, framing, "
+        "plane, file format) predict the label: shortcuts.json and shortcut_*.png (1-2 minutes for the 7,000 "
+        "Kaggle images on 2 cores)."),
+    external: Path | None = typer.Option(
+        None, help="A class-folder set (or Kaggle layout: its Testing/) to also score the cue classifiers on."),
 ) -> None:
-    """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list."""
+    """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list;
+    then the shortcut audit: how far trivial, non-anatomical cues predict the label."""
     from .audit import audit as run_audit
     from .audit import write_report
+    from .data import resolve_split_dir
 
     _setup_logging()
     try:
+        resolve_split_dir(data, "Testing")  # a missing root: one line and exit 2, before any work
+        if external is not None and shortcuts:
+            resolve_split_dir(external, "Testing")
         report = run_audit(data, threshold=threshold)
         write_report(report, out, data)
     except BraintumorError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{out}: cannot write ({exc.strerror})")
     exact, near = report["exact"], report["near"]
     typer.echo(f"{report['n_images']} images: {exact['groups']} exact groups ({exact['files_in_groups']} files), "
                f"{exact['testing_files_with_training_twin']} Testing files with a byte-identical Training twin")
@@ -289,6 +354,23 @@ def audit(
                f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
                f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels")
     typer.echo(f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}")
+    if shortcuts:
+        _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
+
+
+def _shortcut_audit(data: Path, out: Path, external: Path | None, leak_free: set[Path]) -> None:
+    from .shortcuts import shortcut_audit, summary_lines, write_shortcut_report
+
+    try:
+        report = shortcut_audit(data, external=external, leak_free=leak_free)
+        paths = write_shortcut_report(report, out)
+    except BraintumorError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{out}: cannot write ({exc.strerror})")
+    for line in summary_lines(report):
+        typer.echo(line)
+    typer.echo("shortcut report: " + ", ".join(str(path) for path in paths))
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -353,6 +435,11 @@ def export(
     except BraintumorError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB); run it with --backend onnx --weights {written}")
+
+
+def _csv_flag(value: bool | None) -> str:
+    """A flag as CSV text: empty when the model cannot tell (no threshold or guard)."""
+    return "" if value is None else str(value).lower()
 
 
 def _png_name(source: str, used: set[str]) -> str:

@@ -15,6 +15,7 @@ import yaml
 
 from .errors import ConfigError
 from .models import INITS
+from .transforms import AUGMENT_POLICIES, STANDARDISATIONS
 
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -31,7 +32,15 @@ class TrainConfig:
     the average, which moves less from step to step than the raw weights. 0 turns it off.
 
     ``val_fraction`` 0 trains on every Training image with no validation (a final refit); the
-    last epoch's weights are then the run's weights."""
+    last epoch's weights are then the run's weights.
+
+    ``standardise`` says how input intensities are scaled and ``smoothing`` how much every input is
+    blurred first (``transforms.Preprocessing``; both stored with the weights), ``augment_policy`` which augmentation (``transforms.AUGMENT_POLICIES``).
+    ``probe_epochs`` > 0 starts with that many linear-probe epochs (features frozen, head trained
+    at ``probe_lr``) before fine-tuning everything at ``lr``: a head trained first does not send
+    large random gradients into the pretrained features, which keeps more of what transfers.
+    ``save_every_epoch`` keeps each epoch's weights (``epoch_NN.safetensors``) so checkpoints can be
+    compared on external data afterwards."""
 
     data: Path
     out: Path
@@ -44,6 +53,12 @@ class TrainConfig:
     dropout: float = 0.2
     stochastic_depth: float = 0.2
     ema_decay: float = 0.0
+    standardise: str = "imagenet"
+    smoothing: float = 0.0
+    augment_policy: str = "basic"
+    probe_epochs: int = 0
+    probe_lr: float = 1e-3
+    save_every_epoch: bool = False
     image_size: int = 224
     init: str = "lite0"
     augment: bool = True
@@ -78,6 +93,17 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: off), got {config.ema_decay}")
     _check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
     _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _check(
+        config.standardise in STANDARDISATIONS,
+        f"standardise {config.standardise!r} is not one of {', '.join(STANDARDISATIONS)}",
+    )
+    _check(
+        config.augment_policy in AUGMENT_POLICIES,
+        f"augment_policy {config.augment_policy!r} is not one of {', '.join(AUGMENT_POLICIES)}",
+    )
+    _check(0.0 <= config.smoothing <= 4.0, f"smoothing must be a Gaussian sigma in [0, 4] pixels (0: off), got {config.smoothing}")
+    _check(0 <= config.probe_epochs < config.epochs, f"probe_epochs must be in [0, epochs), got {config.probe_epochs}")
+    _check(config.probe_lr > 0, f"probe_lr must be positive, got {config.probe_lr}")
     _check(config.device in DEVICES, f"device {config.device!r} is not one of {', '.join(DEVICES)}")
     _check(config.image_size >= 32 and config.image_size % 32 == 0, f"image_size must be a multiple of 32 >= 32, got {config.image_size}")
     _check(0.0 <= config.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {config.val_fraction} (0: no validation)")
@@ -117,10 +143,10 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
         if values.get(key) is not None:
             values[key] = Path(values[key])
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers"):
+    for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers", "probe_epochs"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
             raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
-    for key in ("lr", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth", "val_fraction"):
+    for key in ("lr", "probe_lr", "smoothing", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth", "val_fraction"):
         if key in values and not isinstance(values[key], (int, float)):
             raise ConfigError(f"{key} must be a number, got {values[key]!r}")
     return validate(TrainConfig(**values))

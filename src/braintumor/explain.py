@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import ConfigError
-from .transforms import normalise
+from .transforms import Preprocessing
 
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "eigencam", "layercam")
 
@@ -48,8 +48,10 @@ class HeatmapRequest:
     target: int | None = None
 
 
-def compute_heatmaps(model: nn.Module, pixels: np.ndarray, request: HeatmapRequest) -> tuple[np.ndarray, np.ndarray]:
-    """CAMs for (N, S, S) uint8 model-size pixels.
+def compute_heatmaps(
+    model: nn.Module, pixels: np.ndarray, request: HeatmapRequest, preprocessing: Preprocessing = Preprocessing()
+) -> tuple[np.ndarray, np.ndarray]:
+    """CAMs for (N, S, S) uint8 model-size pixels, fed through the weights' ``preprocessing``.
 
     Returns:
         (heatmaps (N, S, S) float32 in [0, 1], probabilities (N, C)), computed in fp32 on the
@@ -58,7 +60,7 @@ def compute_heatmaps(model: nn.Module, pixels: np.ndarray, request: HeatmapReque
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     device = next(model.parameters()).device
-    inputs = normalise(torch.as_tensor(pixels).to(device)).contiguous(memory_format=torch.channels_last)
+    inputs = preprocessing(torch.as_tensor(pixels).to(device)).contiguous(memory_format=torch.channels_last)
     model.eval()
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs).float(), 1).cpu().numpy()
@@ -135,7 +137,14 @@ def share_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float((heatmap * mask).sum() / total) if total > 0 else 0.0
 
 
-def deletion_drop(model: nn.Module, pixels: np.ndarray, heatmaps: np.ndarray, targets: np.ndarray, fraction: float) -> np.ndarray:
+def deletion_drop(
+    model: nn.Module,
+    pixels: np.ndarray,
+    heatmaps: np.ndarray,
+    targets: np.ndarray,
+    fraction: float,
+    preprocessing: Preprocessing = Preprocessing(),
+) -> np.ndarray:
     """Faithfulness: how much the target class's probability falls when the ``fraction`` most
     highlighted pixels are replaced by a heavily blurred copy of the image (blurring, rather than
     blacking out, keeps the perturbed scan close to real scans, as the ROAD paper recommends).
@@ -150,7 +159,7 @@ def deletion_drop(model: nn.Module, pixels: np.ndarray, heatmaps: np.ndarray, ta
     perturbed = np.where(heatmaps >= cut, blurred, pixels).round().clip(0, 255).astype(np.uint8)
     device = next(model.parameters()).device
     with torch.no_grad():
-        before = torch.softmax(model(normalise(torch.as_tensor(pixels).to(device))).float(), 1).cpu().numpy()
-        after = torch.softmax(model(normalise(torch.as_tensor(perturbed).to(device))).float(), 1).cpu().numpy()
+        before = torch.softmax(model(preprocessing(torch.as_tensor(pixels).to(device))).float(), 1).cpu().numpy()
+        after = torch.softmax(model(preprocessing(torch.as_tensor(perturbed).to(device))).float(), 1).cpu().numpy()
     rows = np.arange(len(pixels))
     return before[rows, targets] - after[rows, targets]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .ood import OODGuard
-from .transforms import normalise
+from .transforms import Preprocessing
 
 METADATA_KEY = "braintumor"
 GUARD_KEY = "braintumor_ood"
@@ -36,15 +36,15 @@ OPSET = 18
 
 
 class _ExportedNetwork(nn.Module):
-    """uint8 grey pixels (N, S, S) -> (logits, pooled features), normalisation inside."""
+    """uint8 grey pixels (N, S, S) -> (logits, pooled features), the weights' preprocessing inside."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing):
         super().__init__()
         self.model = model
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.preprocessing = preprocessing
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = torch.flatten(self.model.avgpool(self.model.features(normalise(pixels, self.mean, self.std))), 1)
+        pooled = torch.flatten(self.model.avgpool(self.model.features(self.preprocessing(pixels))), 1)
         return self.model.classifier(pooled), pooled
 
 
@@ -60,8 +60,9 @@ def _decode_array(encoded: dict[str, Any]) -> np.ndarray:
 
 def export_model_proto(model: nn.Module, metadata: dict[str, Any], guard: OODGuard | None, source: str):
     """The ONNX ``ModelProto`` of ``model`` (fp32, CPU) with the metadata and guard attached."""
-    size = int(metadata["image_size"])
-    network = _ExportedNetwork(model, metadata["mean"], metadata["std"])
+    preprocessing = Preprocessing.from_metadata(metadata)
+    size = preprocessing.image_size
+    network = _ExportedNetwork(model, preprocessing)
     network = network.to("cpu", memory_format=torch.contiguous_format).float().eval()
     example = torch.zeros(2, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():
@@ -77,7 +78,8 @@ def export_model_proto(model: nn.Module, metadata: dict[str, Any], guard: OODGua
     props = {METADATA_KEY: json.dumps({**metadata, "exported_from": source})}
     if guard is not None:
         props[GUARD_KEY] = json.dumps(
-            {"mean": _encode_array(guard.mean), "components": _encode_array(guard.components), "threshold": guard.threshold}
+            {"mean": _encode_array(guard.mean), "components": _encode_array(guard.components), "threshold": guard.threshold,
+             "range_threshold": guard.range_threshold}
         )
     del proto.metadata_props[:]
     for key, value in props.items():
@@ -134,7 +136,11 @@ class OnnxNetwork:
         self.guard: OODGuard | None = None
         if GUARD_KEY in props:
             stored = json.loads(props[GUARD_KEY])
-            self.guard = OODGuard(_decode_array(stored["mean"]), _decode_array(stored["components"]), float(stored["threshold"]))
+            band = stored.get("range_threshold")
+            self.guard = OODGuard(
+                _decode_array(stored["mean"]), _decode_array(stored["components"]), float(stored["threshold"]),
+                None if band is None else float(band),
+            )
 
     def logits_and_features(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, C) and features (N, 1280), float32 on the CPU, for (N, S, S) uint8 pixels."""

@@ -9,6 +9,13 @@ of real scans is rejected. (A Mahalanobis distance inside the subspace and the f
 tried and separate worse: see docs/ood/README.md.) The guard's tensors travel inside the weights
 file under ``ood.*``.
 
+Between "a brain MRI slice like the training scans" and "not a brain MRI slice" lies a third
+case: a real MRI slice from another scanner, sequence or hospital, unlike the scans the model was
+validated on. Its features sit farther from the training subspace than validation scans' do, but
+nearer than a photo's. The guard's ``range_threshold`` (below ``threshold``) marks that band: such
+slices are classified, and flagged ``outside_validated_range``, because the accuracy measured on
+the validation split does not vouch for them.
+
 In front of it sits a pixel rule the features cannot see, as every input is turned grey before
 the network: a picture with more than ``COLOUR_LIMIT`` of its pixels in colour is not an MRI
 slice. No file of the data set comes near it (at most 5.2% coloured pixels, JPEG chroma noise),
@@ -52,7 +59,8 @@ class OODGuard:
 
     mean: np.ndarray  # (1280,)
     components: np.ndarray  # (k, 1280), orthonormal rows
-    threshold: float
+    threshold: float  # above: not a brain MRI slice (refused)
+    range_threshold: float | None = None  # above (and not refused): outside the validated range; None: no such band
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Share (0..1) of each (N, 1280) feature vector's norm outside the training subspace."""
@@ -64,8 +72,17 @@ class OODGuard:
         """True where the input is unlike every training scan: not a brain MRI slice."""
         return self.score(features) > self.threshold
 
+    def outside_range(self, features: np.ndarray) -> np.ndarray:
+        """True where a slice is accepted but unlike the validated scans (``range_threshold``)."""
+        scores = self.score(features)
+        if self.range_threshold is None:
+            return np.zeros(len(scores), dtype=bool)
+        return (scores > self.range_threshold) & (scores <= self.threshold)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         values = {"mean": self.mean, "components": self.components, "threshold": np.array([self.threshold])}
+        if self.range_threshold is not None:
+            values["range_threshold"] = np.array([self.range_threshold])
         return {TENSOR_PREFIX + k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in values.items()}
 
     @classmethod
@@ -74,11 +91,21 @@ class OODGuard:
         if TENSOR_PREFIX + "mean" not in tensors:
             return None
         get = {k[len(TENSOR_PREFIX):]: v.double().numpy() for k, v in tensors.items() if k.startswith(TENSOR_PREFIX)}
-        return cls(get["mean"], get["components"], float(get["threshold"][0]))
+        band = get.get("range_threshold")
+        return cls(get["mean"], get["components"], float(get["threshold"][0]), None if band is None else float(band[0]))
+
+
+def outside_range_reason(score: float, range_threshold: float) -> str:
+    """The words shown with ``outside_validated_range``."""
+    return (
+        f"an MRI slice unlike the scans the model was validated on (feature distance {score:.3f} > {range_threshold:.3f}): "
+        "another scanner, sequence, plane or hospital? Its accuracy is not known"
+    )
 
 
 def fit_guard(train_features: np.ndarray, val_features: np.ndarray, percentile: float = 99.5) -> OODGuard:
-    """PCA on training features; threshold at ``percentile`` of the validation scans' scores."""
+    """PCA on training features; threshold at ``percentile`` of the validation scans' scores
+    (``range_threshold`` is left unset: ``scripts/fit_ood.py`` chooses both on measured data)."""
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=min(N_COMPONENTS, len(train_features) - 1, train_features.shape[1]), random_state=0)

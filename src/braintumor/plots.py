@@ -104,3 +104,43 @@ def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, bi
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_shifts(baseline: float, shifts: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy under each appearance shift as bars, the unshifted accuracy as a line, flip rates on top."""
+    names = list(shifts)
+    accuracies = [shifts[n]["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2), 4.4))
+    colours = ["tab:red" if a < baseline - 0.05 else "tab:blue" for a in accuracies]
+    bars = ax.bar(range(len(names)), accuracies, color=colours)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1)
+    for bar, name in zip(bars, names):
+        text = f"{shifts[name]['accuracy']:.3f}\nflip {shifts[name]['flip_rate']:.1%}"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), textcoords="offset points",
+                    xytext=(0, 2), ha="center", va="bottom", fontsize=7,
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.5})
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.12)
+    ax.set(ylabel="accuracy")
+    ax.set_title(f"{title}\ndashed: unshifted accuracy {baseline:.3f}; red: more than 5 points below it", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_shift_examples(images: dict[str, np.ndarray], path: Path, title: str = "") -> None:
+    """One scan under every shift, captioned, four to a row: what each shift does, at a glance."""
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.55 * rows + 0.3), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (caption, pixels) in zip(axes.ravel(), images.items()):
+        axis.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axis.set_title(caption, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -28,7 +28,8 @@ from .imaging import array_to_grey, colour_share, resize_grey
 from .inputs import Slice, expand_inputs, read_scan
 from .models import build_efficientnet_b0, fold_batch_norm
 from .onnx_backend import OnnxNetwork, export_model_proto
-from .ood import OODGuard, colour_rejects, refusal_reason, split_guard
+from .ood import OODGuard, colour_rejects, outside_range_reason, refusal_reason, split_guard
+from .transforms import Preprocessing
 
 ImageInput = str | Path | Image.Image | np.ndarray | Slice  # a Slice: already read (inputs.read_scan)
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
@@ -61,6 +62,9 @@ class Prediction:
     uncertain: bool | None = None  # confidence below the model's refer-to-a-radiologist threshold
     not_brain_mri: bool | None = None  # the out-of-distribution guard rejected the input
     not_brain_mri_reason: str | None = None  # which of the guard's rules refused it, in words
+    # A brain MRI slice, classified, but unlike the scans the model was validated on (ood.OODGuard)
+    outside_validated_range: bool | None = None
+    outside_validated_range_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
@@ -70,6 +74,9 @@ class Prediction:
         }
         if self.not_brain_mri_reason is not None:
             result["not_brain_mri_reason"] = self.not_brain_mri_reason
+        result["outside_validated_range"] = self.outside_validated_range
+        if self.outside_validated_range_reason is not None:
+            result["outside_validated_range_reason"] = self.outside_validated_range_reason
         if self.index is not None:
             result["index"] = self.index
         if self.error is not None:
@@ -128,6 +135,18 @@ class Explanation:
         save_figure(self.pixels, self.heatmap, f"{title}\n{Path(self.prediction.path).name}  [{self.method}, {self.layer}]", path)
 
 
+@dataclass
+class Assessment:
+    """What the network says about a batch: calibrated probabilities (N, C) and, with a guard,
+    which inputs are refused (not brain MRI), which are outside the validated range, and the
+    guard's score of each."""
+
+    probabilities: np.ndarray
+    rejected: np.ndarray | None = None
+    outside_range: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+
 class Classifier:
     """An EfficientNet-B0 with the metadata that says how to feed it and name its outputs.
 
@@ -157,7 +176,8 @@ class Classifier:
         self.weights_path = weights_path
         self.tta = tta
         self.class_names: list[str] = list(metadata["class_names"])
-        self.image_size: int = int(metadata["image_size"])
+        self.preprocessing = Preprocessing.from_metadata(metadata)
+        self.image_size: int = self.preprocessing.image_size
         # Calibration travels with the weights (scripts/calibrate.py); absent, confidences are raw.
         self.temperature: float = float(metadata.get("temperature", 1.0))
         threshold = metadata.get("uncertainty_threshold")
@@ -176,14 +196,29 @@ class Classifier:
         self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (N, C), not-a-brain-MRI flags (N,) or None without a guard)."""
+        assessment = self.assess(pixels, batch_size, progress)
+        return assessment.probabilities, assessment.rejected
+
+    def assess(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False) -> Assessment:
+        """Probabilities and the guard's verdicts on the features of (N, S, S) uint8 pixels."""
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         logits, features = self._logits_and_features(tensor, batch_size, progress)
         probabilities = torch.softmax(logits / self.temperature, dim=1)
         if self.tta:
             mirrored = self._logits_and_features(tensor.flip(-1), batch_size)[0]
             probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
-        rejected = self.guard.rejects(features.double().numpy()) if self.guard is not None and len(features) else None
-        return probabilities.numpy(), rejected
+        if self.guard is None or not len(features):
+            return Assessment(probabilities.numpy())
+        features64 = features.double().numpy()
+        return Assessment(
+            probabilities.numpy(), self.guard.rejects(features64), self.guard.outside_range(features64), self.guard.score(features64)
+        )
+
+    def network_features(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Pooled features (N, 1280) of (N, S, S) uint8 pixels: what the guard and the head see,
+        for analyses such as nearest training neighbours."""
+        tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+        return self._logits_and_features(tensor, batch_size)[1].double().numpy()
 
     def _logits_and_features(
         self, pixels: torch.Tensor, batch_size: int, progress: bool = False
@@ -191,16 +226,16 @@ class Classifier:
         if self.onnx is not None:
             return self.onnx.logits_and_features(pixels, batch_size)
         assert self.model is not None
-        return predict_logits_and_features(self.model, pixels, self.runtime, batch_size, progress)
+        return predict_logits_and_features(self.model, pixels, self.runtime, batch_size, progress, self.preprocessing)
 
     def predict_slices(self, slices: list[Slice], batch_size: int = 64) -> list[Prediction]:
         """Predictions for slices already read (``inputs.read_scan``), each resized here if needed."""
         if not slices:
             return []
         pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
-        probabilities, rejected = self.infer(pixels, batch_size)
-        refusals = self._refusals(slices, rejected)
-        return [self._result(s, probabilities[k], refusals[k]) for k, s in enumerate(slices)]
+        assessment = self.assess(pixels, batch_size)
+        refusals = self._refusals(slices, assessment.rejected)
+        return [self._result(s, assessment, k, refusals[k]) for k, s in enumerate(slices)]
 
     def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None]:
         """Why each slice is not a brain MRI (None: it may be one), from the guard's verdicts on
@@ -212,12 +247,15 @@ class Classifier:
         by_colour = colour_rejects(np.array([s.colour_share for s in slices]))
         return [refusal_reason(bool(f), bool(c), s.header_refusal) for f, c, s in zip(by_features, by_colour, slices)]
 
-    def _result(self, item: Slice, probabilities: np.ndarray, refusal: str | None = None) -> Prediction:
-        """The prediction for ``item``; ``refusal`` says why the guard refused it (None: it did not)."""
+    def _result(self, item: Slice, assessment: Assessment, k: int, refusal: str | None = None) -> Prediction:
+        """The prediction for ``item`` (row ``k`` of ``assessment``); ``refusal`` says why the guard
+        refused it (None: it did not)."""
+        probabilities = assessment.probabilities[k]
         rejected = None if self.guard is None else refusal is not None
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
+        outside, reason = self._outside_range(assessment, k, bool(rejected))
         return Prediction(
             path=item.source,
             label=NOT_BRAIN_MRI if rejected else self.class_names[best],
@@ -228,7 +266,18 @@ class Classifier:
             index=item.index,
             volume=item.volume,
             uncertain=None if threshold is None else confidence < threshold,
+            outside_validated_range=outside,
+            outside_validated_range_reason=reason,
         )
+
+    def _outside_range(self, assessment: Assessment, k: int, rejected: bool) -> tuple[bool | None, str | None]:
+        """The outside-the-validated-range flag and its reason (None: the guard has no such band;
+        a refused input is not flagged: it is not classified at all)."""
+        if self.guard is None or self.guard.range_threshold is None or assessment.outside_range is None:
+            return None, None
+        if rejected or not assessment.outside_range[k]:
+            return False, None
+        return True, outside_range_reason(float(assessment.scores[k]), self.guard.range_threshold)
 
     def _read(self, path: Path, resize: bool) -> list[Slice] | Prediction:
         try:
@@ -337,12 +386,12 @@ class Classifier:
 
         def flush() -> Iterator[Explanation]:
             resized = np.stack([resize_grey(s.pixels, self.image_size) for s in batch])
-            heatmaps, raw = compute_heatmaps(self.model, resized, request)
+            heatmaps, raw = compute_heatmaps(self.model, resized, request, self.preprocessing)
             # The reported prediction is predict's own (temperature, guard, TTA), so the two agree.
-            probabilities, rejected = self.infer(resized, batch_size)
-            refusals = self._refusals(batch, rejected)
+            assessment = self.assess(resized, batch_size)
+            refusals = self._refusals(batch, assessment.rejected)
             for k, (item, heatmap) in enumerate(zip(batch, heatmaps)):
-                prediction = self._result(item, probabilities[k], refusals[k])
+                prediction = self._result(item, assessment, k, refusals[k])
                 explained = target or self.class_names[int(raw[k].argmax())]
                 yield Explanation(prediction, resize_heatmap(heatmap, item.pixels.shape), item.pixels, explained, method, layer)
             batch.clear()

@@ -158,6 +158,8 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
         "image_size": classifier.image_size,
         "mean": metadata.get("mean"),
         "std": metadata.get("std"),
+        "preprocessing": classifier.preprocessing.to_metadata(),
+        "outside_range_flag": classifier.guard is not None and classifier.guard.range_threshold is not None,
         "version": {"braintumor": __version__, "weights": path.name if path else None, "sha256": digest},
         "backend": classifier.backend,
         "temperature": classifier.temperature,

@@ -37,7 +37,7 @@ from . import __version__
 from .cache import load_cached
 from .checkpoint import load_training_state, save_training_state, save_weights
 from .config import TrainConfig
-from .constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from .constants import CLASS_NAMES
 from .data import fingerprint, group_split, load_split, resolve_split_dir
 from .distributed import convert_batch_norm, init_distributed
 from .duplicates import group_near_duplicates
@@ -46,7 +46,7 @@ from .errors import ConfigError
 from .metrics import classification_report
 from .models import create_model
 from .plots import plot_learning_curves
-from .transforms import AugmentConfig
+from .transforms import AUGMENT_POLICIES, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +94,29 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> TrainingData:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Constant learning rate (the original recipe) or per-step cosine decay to zero."""
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    """Constant learning rate (the original recipe) or per-step cosine decay to zero; the
+    linear-probe epochs, if any, come first at ``probe_lr`` and the schedule starts after them."""
+    probe = config.probe_epochs * steps_per_epoch
+    total = max(1, (config.epochs - config.probe_epochs) * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < probe:
+            return config.probe_lr / config.lr
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - probe, total) / total))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def validate_epoch(model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int) -> dict[str, float | None]:
+def validate_epoch(
+    model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int, preprocessing: Preprocessing
+) -> dict[str, float | None]:
     """Validation loss, accuracy and weighted F1 on the held-out groups (None without validation)."""
     if len(data.val_index) == 0:
         return {"loss": None, "accuracy": None, "weighted_f1": None}
     index = torch.from_numpy(data.val_index)
-    logits = predict_logits(model, data.pixels[index], runtime, batch_size=max(batch_size, 64))
+    logits = predict_logits(model, data.pixels[index], runtime, max(batch_size, 64), preprocessing)
     labels = data.labels[index]
     report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), list(CLASS_NAMES), bootstrap=0)
     return {
@@ -122,10 +132,10 @@ def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: d
     return {
         "model": "efficientnet_b0",
         "class_names": list(CLASS_NAMES),
-        "image_size": config.image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "preprocessing": "greyscale, bilinear resize to image_size x image_size, grey repeated to 3 channels",
+        **preprocessing_of(config).to_metadata(),
+        "preprocessing": "greyscale, bilinear resize to image_size x image_size, grey repeated to 3 channels, "
+        + (f"Gaussian blur sigma {config.smoothing} px, " if config.smoothing else "")
+        + ("head pixels z-scored per image" if config.standardise == "head" else "ImageNet mean/std"),
         "init": config.init,
         "recipe": recipe,
         "epoch": epoch,
@@ -138,6 +148,11 @@ def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: d
         "validation": val,
         "versions": {"braintumor": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def preprocessing_of(config: TrainConfig) -> Preprocessing:
+    """The input preprocessing a run trains with, and that its weights carry."""
+    return Preprocessing(image_size=config.image_size, standardise=config.standardise, smoothing=config.smoothing)
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
@@ -172,6 +187,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
     state = load_training_state(last_path) if config.resume else None
     group = init_distributed(config)
+    if group.enabled and config.probe_epochs:
+        raise ConfigError("probe_epochs is not supported under torchrun (frozen parameters would stall DDP's gradient hooks)")
     progress = progress and group.main
     torch.manual_seed(config.seed)
     if not group.main:
@@ -234,14 +251,18 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     train_labels = data.labels[torch.from_numpy(data.train_index)]
     if runtime.device.type == "cuda":  # the whole decoded set fits on a GPU: no host copies per step
         train_pixels, train_labels = train_pixels.to(runtime.device), train_labels.to(runtime.device)
-    augmentation = AugmentConfig() if config.augment else None
+    augmentation = AUGMENT_POLICIES[config.augment_policy] if config.augment else None
+    preprocessing = preprocessing_of(config)
     for epoch in range(len(history) + 1, config.epochs + 1):
         if group.enabled:  # own dropout masks per process, reproducible per epoch (and on resume)
             torch.manual_seed(config.seed + 1_000_003 * epoch + group.rank)
+        probing = epoch <= config.probe_epochs  # linear probe: only the head learns
+        model.features.requires_grad_(not probing)
         train = train_one_epoch(
             network, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
-            augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}",
+            augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}" + (" (probe)" if probing else ""),
             label_smoothing=config.label_smoothing, rank=group.rank, world_size=group.world_size, ema=ema,
+            preprocessing=preprocessing, frozen_features=probing,
         )
         if group.enabled:
             loss_sum, correct, images, seconds = group.sum(
@@ -254,14 +275,14 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             }
         if not group.main:
             continue  # rank 0 validates and writes; the others go on to the next epoch
-        val = validate_epoch(validated, data, runtime, config.batch_size)
+        val = validate_epoch(validated, data, runtime, config.batch_size, preprocessing)
         row = {
             "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
             "lr": scheduler.get_last_lr()[0], "seconds": train["seconds"], "images_per_second": train["images_per_second"],
         }
         if ema is not None:  # the raw weights too, so the log shows what averaging bought
-            raw = validate_epoch(model, data, runtime, config.batch_size)
+            raw = validate_epoch(model, data, runtime, config.batch_size, preprocessing)
             row.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
         history.append(row)
         # Without validation every epoch "improves", so the run keeps its last weights.
@@ -269,6 +290,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if improved:
             best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "val_weighted_f1": val["weighted_f1"]}
             save_weights(validated.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
+        if config.save_every_epoch:
+            save_weights(validated.state_dict(), config.out / f"epoch_{epoch:02d}.safetensors", weights_metadata(config, data, epoch, val))
         save_training_state(last_path, {
             "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
