@@ -182,9 +182,9 @@ def main() -> None:
     sample = np.random.default_rng(0).permutation(len(test_labels))[: args.testing_sample]  # a seeded subsample: CPU time
     test_labels, test_pixels = test_labels[sample], test_pixels[sample]
     _, labels, pixels = labelled(args.external, names, None)
-    train_features = classifier.network_features(train_pixels)
-    features = classifier.network_features(pixels)
-    predicted = classifier.predict_pixels(pixels).argmax(1)
+    train_features = classifier.logits_and_features(train_pixels)[1]
+    logits, features = classifier.logits_and_features(pixels)
+    predicted = logits.argmax(1)  # the temperature changes no argmax
     train_cues, cues = pixel_cues(train_pixels), pixel_cues(pixels)
     neighbours, nearest = neighbour_evidence(train_features, train_labels, train_cues, features, labels, predicted, cues, names)
     report = {

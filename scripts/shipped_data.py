@@ -12,11 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from braintumor.cache import load_cached
 from braintumor.data import Sample, load_split, resolve_split_dir, scan_class_folders
-from braintumor.engine import predict_logits_and_features
 from braintumor.predict import Classifier, default_weights_path, load_model
 from braintumor.shifts import SHIFTS
 
@@ -68,7 +66,4 @@ def split_features(classifier: Classifier, data: Path, split: str) -> tuple[list
 
 def network_outputs(classifier: Classifier, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Logits before temperature scaling (float32) and pooled features (float64) of (N, S, S) pixels."""
-    logits, features = predict_logits_and_features(
-        classifier.model, torch.as_tensor(np.asarray(pixels)), classifier.runtime, preprocessing=classifier.preprocessing
-    )
-    return logits.numpy(), features.double().numpy()
+    return classifier.logits_and_features(pixels)

@@ -44,7 +44,7 @@ def banded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors, metadata = load_weights(default_weights_path())
     state, guard = split_guard(tensors)
     assert guard is not None
-    scores = guard.score(load_model(device="cpu").network_features(_pixels()))
+    scores = guard.score(load_model(device="cpu").logits_and_features(_pixels())[1])
     banded = OODGuard(guard.mean, guard.components, threshold=float(scores.max()) + 0.05, range_threshold=float(scores.min()) - 0.01)
     path = tmp_path_factory.mktemp("banded") / "banded.safetensors"
     save_weights(state | banded.to_tensors(), path, metadata)

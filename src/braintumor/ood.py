@@ -70,14 +70,19 @@ class OODGuard:
 
     def rejects(self, features: np.ndarray) -> np.ndarray:
         """True where the input is unlike every training scan: not a brain MRI slice."""
-        return self.score(features) > self.threshold
+        return self.verdicts(features)[1]
 
     def outside_range(self, features: np.ndarray) -> np.ndarray:
         """True where a slice is accepted but unlike the validated scans (``range_threshold``)."""
+        return self.verdicts(features)[2]
+
+    def verdicts(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, refused, outside the validated range) of (N, 1280) features, scored once."""
         scores = self.score(features)
+        refused = scores > self.threshold
         if self.range_threshold is None:
-            return np.zeros(len(scores), dtype=bool)
-        return (scores > self.range_threshold) & (scores <= self.threshold)
+            return scores, refused, np.zeros(len(scores), dtype=bool)
+        return scores, refused, (scores > self.range_threshold) & ~refused
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         values = {"mean": self.mean, "components": self.components, "threshold": np.array([self.threshold])}

@@ -209,16 +209,16 @@ class Classifier:
             probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
         if self.guard is None or not len(features):
             return Assessment(probabilities.numpy())
-        features64 = features.double().numpy()
-        return Assessment(
-            probabilities.numpy(), self.guard.rejects(features64), self.guard.outside_range(features64), self.guard.score(features64)
-        )
+        scores, refused, outside = self.guard.verdicts(features.double().numpy())
+        return Assessment(probabilities.numpy(), refused, outside, scores)
 
-    def network_features(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
-        """Pooled features (N, 1280) of (N, S, S) uint8 pixels: what the guard and the head see,
-        for analyses such as nearest training neighbours."""
+    def logits_and_features(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Logits before temperature scaling (N, C) float32 and pooled features (N, 1280) float64 of
+        (N, S, S) uint8 pixels, in one pass: what calibration, the guard's fitting and analyses such
+        as nearest training neighbours work on."""
         tensor = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-        return self._logits_and_features(tensor, batch_size)[1].double().numpy()
+        logits, features = self._logits_and_features(tensor, batch_size)
+        return logits.numpy(), features.double().numpy()
 
     def _logits_and_features(
         self, pixels: torch.Tensor, batch_size: int, progress: bool = False

@@ -194,7 +194,7 @@ def augment(
         (N, 1, H, W) float in [0, 1], ready for ``Preprocessing``.
     """
     draw = _Draw(pixels.shape[0], generator, pixels.device)
-    images = _geometry(pixels.float().div_(255.0).unsqueeze(1), config, draw)
+    images = _geometry(_as_unit_float(pixels), config, draw)
     images = _maybe(images, draw, ((config.bias_field, _bias_field), (config.curve, _random_curve), (config.gamma, _gamma)))
     if config.histogram_match > 0 and labels is not None:
         images = _match_other_class(images, labels.to(images.device), config.histogram_match, draw)
