@@ -1,5 +1,5 @@
 # make demo: classify the bundled scans with the shipped model (no data set, no internet needed).
-# make test: the test suite (set BRAINTUMOR_DATA to the Kaggle data root for the real-data tests).
+# make test: ruff, then the test suite (set BRAINTUMOR_DATA to the Kaggle data root for the real-data tests).
 # make serve: the HTTP service and web page on http://127.0.0.1:8000/.
 PYTHON ?= python3
 VENV := .venv
@@ -21,6 +21,7 @@ demo: install
 	@echo "heat maps written to demo-output/heatmaps/"
 
 test: install
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 
 serve: install

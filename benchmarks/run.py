@@ -42,7 +42,8 @@ from braintumor import __version__, load_model
 from braintumor.cache import load_cached
 from braintumor.checkpoint import load_weights
 from braintumor.data import load_split
-from braintumor.engine import cpu_supports_bf16, select_runtime, train_one_epoch
+from braintumor.engine import TrainingStep, train_one_epoch
+from braintumor.runtime import cpu_supports_bf16, select_runtime
 from braintumor.imaging import decode_image, resize_grey
 from braintumor.models import build_efficientnet_b0, create_model
 from braintumor.ood import split_guard
@@ -147,13 +148,12 @@ def bench_inference(data: Path, repeats: int) -> list[dict]:
     braintumor_inference(paths[:64])()  # warm the page cache and the kernels
     variants: list[tuple[str, Callable[[], np.ndarray]]] = [
         ("plain loop (PIL + torchvision transforms, eager fp32, NCHW, batch 32)", lambda: plain_inference(paths)),
-        ("braintumor predict, fp32 channels_last, 2 decode threads (default)", braintumor_inference(paths)),
-        ("braintumor predict, bf16 autocast (load_model(amp=True))", braintumor_inference(paths, amp=True)),
-        ("braintumor predict, bf16 autocast, batch 64", braintumor_inference(paths, amp=True, batch_size=64)),
-        ("braintumor predict, bf16 autocast, 1 decode thread", braintumor_inference(paths, amp=True, workers=1)),
-        ("braintumor predict, ONNX Runtime fp32 (--backend onnx)", braintumor_inference(paths, backend="onnx")),
-        ("braintumor predict, ONNX Runtime, batch 64", braintumor_inference(paths, backend="onnx", batch_size=64)),
-        ("braintumor predict, ONNX Runtime, batch 128", braintumor_inference(paths, backend="onnx", batch_size=128)),
+        ("braintumor predict, default (auto: ONNX Runtime on a CPU), 2 decode threads", braintumor_inference(paths)),
+        ("braintumor predict, PyTorch fp32 channels_last (--backend torch)", braintumor_inference(paths, backend="torch")),
+        ("braintumor predict, PyTorch bf16 autocast (--backend torch --amp)", braintumor_inference(paths, backend="torch", amp=True)),
+        ("braintumor predict, default, batch 64", braintumor_inference(paths, batch_size=64)),
+        ("braintumor predict, default, batch 128", braintumor_inference(paths, batch_size=128)),
+        ("braintumor predict, default, 1 decode thread", braintumor_inference(paths, workers=1)),
         ("ONNX Runtime, batch 64, decoding in 2 worker processes", process_decoding_inference(paths)),
     ]
     rows, baseline = [], None
@@ -230,11 +230,9 @@ def bench_training(data: Path, steps: int) -> list[dict]:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         generator = torch.Generator().manual_seed(0)
         warm = slice(0, batch_size)
-        train_one_epoch(model, pixels[warm], targets[warm], optimizer, scheduler, runtime, batch_size, generator, AugmentConfig(), progress=False)
-        result = train_one_epoch(
-            model, pixels[batch_size:], targets[batch_size:], optimizer, scheduler, runtime, batch_size, generator,
-            AugmentConfig(), progress=False,
-        )
+        step = TrainingStep(model, optimizer, scheduler, runtime, generator, batch_size, AugmentConfig())
+        train_one_epoch(step, pixels[warm], targets[warm], progress=False)
+        result = train_one_epoch(step, pixels[batch_size:], targets[batch_size:], progress=False)
         rows.append({"variant": name, "images_per_second": result["images_per_second"]})
         print(f"  {result['images_per_second']:7.1f} img/s  {name}", flush=True)
     for row in rows:
@@ -298,6 +296,37 @@ def _section(title: str, columns: list[str], rows: list[str], note: str = "") ->
     return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows, "", *([note, ""] if note else [])]
 
 
+# What the default path must reach on this machine (issue 12), checked in the same run.
+TARGETS = {"speedup": 3.0, "images_per_second": 150.0, "changed": 0, "command_seconds": 10.0, "command_peak_mib": 1536.0}
+
+
+def target_lines(inference: list[dict], memory: list[dict]) -> list[str]:
+    """One line per target: the figure measured in this run, the target, met or not."""
+    lines = []
+    default = next((r for r in inference if ", default (auto" in r["variant"]), None)
+    if default is not None:
+        lines += [
+            _target("default predict vs the plain loop", default["speedup"], f">= x{TARGETS['speedup']:.0f}",
+                    default["speedup"] >= TARGETS["speedup"], "x{:.2f}"),
+            _target("default predict, images/s", default["images_per_second"], f">= {TARGETS['images_per_second']:.0f}",
+                    default["images_per_second"] >= TARGETS["images_per_second"], "{:.1f}"),
+            _target("predictions changed by the default path", default["changed"], "0", default["changed"] == 0, "{}"),
+        ]
+    whole = next((r for r in memory if r["files"] < 2000), None)
+    if whole is not None:
+        lines += [
+            _target("`braintumor predict` on the Testing files, seconds (start-up included)", whole["seconds"],
+                    f"<= {TARGETS['command_seconds']:.0f}", whole["seconds"] <= TARGETS["command_seconds"], "{:.1f}"),
+            _target("the same command, peak resident MiB", whole["peak_mib"], f"<= {TARGETS['command_peak_mib']:.0f}",
+                    whole["peak_mib"] <= TARGETS["command_peak_mib"], "{:.0f}"),
+        ]
+    return lines
+
+
+def _target(name: str, value: float, target: str, met: bool, fmt: str) -> str:
+    return f"| {name} | {fmt.format(value)} | {target} | {'met' if met else 'MISSED'} |"
+
+
 def write_results(path: Path, command: str, inference: list[dict], training: list[dict], memory: list[dict]) -> None:
     lines = [
         "# Benchmark results", "",
@@ -327,6 +356,10 @@ def write_results(path: Path, command: str, inference: list[dict], training: lis
             ["files", "peak resident memory, MiB", "images/s"],
             [f"| {r['files']:,} | {r['peak_mib']:.0f} | {r['images_per_second']:.1f} |" for r in memory],
         )
+    targets = target_lines(inference, memory)
+    if targets:
+        lines += _section("Targets", ["figure", "this run", "target", ""], targets)
+        print("\n".join(targets))
     path.write_text("\n".join(lines))
 
 

@@ -1,5 +1,5 @@
 """One training step of B0 on this machine: fp32 against bf16 autocast, and what each augmentation
-policy costs per batch. The figure behind ``engine.cpu_supports_bf16``: on a CPU without native
+policy costs per batch. The figure behind ``runtime.cpu_supports_bf16``: on a CPU without native
 bf16 (no AVX-512 BF16, no AMX), oneDNN converts to and from fp32 and the step gets slower.
 
     python benchmarks/train_step.py
@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from braintumor.engine import cpu_supports_bf16
+from braintumor.runtime import cpu_supports_bf16
 from braintumor.models import build_efficientnet_b0
 from braintumor.transforms import AUGMENT_POLICIES, Preprocessing, augment
 

@@ -71,10 +71,11 @@ def main() -> None:
             for start in range(0, len(pixels), args.batch_size):
                 batch = pixels[start : start + args.batch_size]
                 if method == "random":
-                    _, probabilities = compute_heatmaps(model, batch, HeatmapRequest("gradcam", LAYERS[0]), prep)
+                    probabilities = compute_heatmaps(model, batch, HeatmapRequest("gradcam", LAYERS[0]), prep).probabilities
                     heatmaps = baseline_maps[start : start + args.batch_size]
                 else:
-                    heatmaps, probabilities = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep)
+                    cams = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep)
+                    heatmaps, probabilities = cams.heatmaps, cams.probabilities
                 predicted = probabilities.argmax(1)
                 for fraction in FRACTIONS:
                     drops[f"drop_{int(fraction * 100)}"].extend(deletion_drop(model, batch, heatmaps, predicted, fraction, prep))
@@ -91,7 +92,7 @@ def main() -> None:
     area: dict[str, list[float]] = {name: [] for name in classifier.class_names}
     for start in range(0, len(pixels), args.batch_size):
         batch = pixels[start : start + args.batch_size]
-        heatmaps, _ = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep)
+        heatmaps = compute_heatmaps(model, batch, HeatmapRequest(method, layer), prep).heatmaps
         for grey, heatmap, label in zip(batch, heatmaps, labels[start : start + args.batch_size]):
             mask = brain_mask(np.asarray(grey))
             coverage[classifier.class_names[label]].append(share_inside(heatmap, mask))

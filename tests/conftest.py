@@ -31,7 +31,9 @@ def synthetic_scan(rng: np.random.Generator, label: int, size: int = 64) -> Imag
     return image
 
 
-def write_tree(root: Path, per_class: dict[str, int], seed: int = 0, folder_names: dict[str, str] | None = None) -> Path:
+def write_tree(
+    root: Path, per_class: dict[str, int], seed: int = 0, folder_names: dict[str, str] | None = None
+) -> Path:
     """root/<class folder>/<n>.png for each class; folder names may be aliases."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(CLASSES):
@@ -109,11 +111,23 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
 
 
 @pytest.fixture(scope="session")
-def shipped_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped model exported to ONNX once per test session (about 5 s)."""
-    from braintumor.onnx_backend import export_onnx
+def shipped_onnx() -> Path:
+    """The shipped model's exported graph, which ships beside its weights."""
+    from braintumor.predict import default_weights_path
 
-    return export_onnx(None, tmp_path_factory.mktemp("onnx") / "braintumor-b0.onnx")
+    return default_weights_path().with_suffix(".onnx")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Graphs exported from test weights go to a folder of the session, never the user's cache."""
+    previous = os.environ.get("BRAINTUMOR_CACHE_DIR")
+    os.environ["BRAINTUMOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("BRAINTUMOR_CACHE_DIR", None)
+    else:
+        os.environ["BRAINTUMOR_CACHE_DIR"] = previous
 
 
 @contextmanager

@@ -50,7 +50,8 @@ def test_audit_command_writes_the_report(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = tmp_path / "audit"
     assert json.loads((out / "audit.json").read_text())["leak_free_testing"]["n_images"] == 3
-    assert (out / "leak_free_testing.txt").read_text().splitlines() == [f"Testing/glioma/distinct{i}.png" for i in range(3)]
+    leak_free = (out / "leak_free_testing.txt").read_text().splitlines()
+    assert leak_free == [f"Testing/glioma/distinct{i}.png" for i in range(3)]
     assert (out / "pairs_exact.png").is_file() and "Leak-free" in (out / "audit.md").read_text()
 
 
@@ -74,6 +75,10 @@ def test_evaluate_leak_free_subset_matches_the_audit(tmp_path: Path) -> None:
     root = _planted_tree(tmp_path / "data")
     weights = tmp_path / "w.safetensors"
     torch.manual_seed(0)
-    save_weights(build_efficientnet_b0().state_dict(), weights, {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32})
+    save_weights(
+        build_efficientnet_b0().state_dict(),
+        weights,
+        {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32},
+    )
     report = evaluate(root, load_model(weights), bootstrap=0, progress=False)
     assert report["n_images"] == 8 and report["leak_free"]["n_images"] == 3

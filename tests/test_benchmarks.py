@@ -28,6 +28,7 @@ def test_gpu_script_refuses_a_machine_without_cuda(kaggle_tree: Path, tmp_path: 
 
     if torch.cuda.is_available():
         return  # nothing to refuse on a GPU machine
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), "--data", str(kaggle_tree), "--out", str(tmp_path / "g")]
+    script = ROOT / "benchmarks" / "gpu_train.py"
+    command = [sys.executable, str(script), "--data", str(kaggle_tree), "--out", str(tmp_path / "g")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no CUDA device" in result.stderr

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import EXAMPLES, live_server
 
 from braintumor.predict import load_model
 from braintumor.serve import create_app
+from conftest import EXAMPLES, live_server
 
 CHROMIUM = Path(os.environ.get("BRAINTUMOR_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps trying to reach Google on a closed network.
@@ -44,7 +44,9 @@ def browser():
         instance.close()
 
 
-@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}], ids=["laptop", "phone"])
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}], ids=["laptop", "phone"]
+)
 def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp_path: Path) -> None:
     scan = EXAMPLES / "pituitary" / "Te-pi_0017.jpg"
     with live_server(create_app(load_model(device="cpu"))) as url:
@@ -73,12 +75,14 @@ def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
         card = page.locator(".result").first
         card.locator("[data-testid=label]").wait_for(timeout=60_000)
-        assert card.locator("h2").inner_text() == dropped.name and card.locator("[data-testid=label]").inner_text() == "glioma"
+        assert card.locator("h2").inner_text() == dropped.name
+        assert card.locator("[data-testid=label]").inner_text() == "glioma"
         page.set_input_files("#files", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a scan"})
         error = page.locator(".result").first.locator("[data-testid=error]")
         error.wait_for(timeout=30_000)
         assert "unsupported file type" in error.inner_text()
-        grey = np.asarray(Image.open(scan).convert("L"), dtype=np.float32)  # a colour picture of a scan: refused, with the reason
+        # a colour picture of a scan: refused, with the reason
+        grey = np.asarray(Image.open(scan).convert("L"), dtype=np.float32)
         tinted = io.BytesIO()
         Image.fromarray(np.stack([grey, grey * 0.55, grey * 0.2], axis=2).astype(np.uint8)).save(tinted, format="PNG")
         page.set_input_files("#files", {"name": "tinted.png", "mimeType": "image/png", "buffer": tinted.getvalue()})

@@ -23,12 +23,19 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained B0 saved at 32x32 input, so evaluation runs in a blink."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(build_efficientnet_b0().state_dict(), path, {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32})
+    save_weights(
+        build_efficientnet_b0().state_dict(),
+        path,
+        {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32},
+    )
     return path
 
 
-def test_evaluate_json_is_one_object_with_the_promised_keys(kaggle_tree: Path, tiny_weights: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["evaluate", "--data", str(kaggle_tree), "--weights", str(tiny_weights), "--json", "--bootstrap", "20", "--out", str(tmp_path / "ev")])
+def test_evaluate_json_is_one_object_with_the_promised_keys(
+    kaggle_tree: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
+    arguments = ["--data", str(kaggle_tree), "--weights", str(tiny_weights), "--json", "--bootstrap", "20"]
+    result = runner.invoke(app, ["evaluate", *arguments, "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     for key in ("accuracy", "weighted_f1", "macro_f1"):
@@ -43,7 +50,9 @@ def test_evaluate_json_is_one_object_with_the_promised_keys(kaggle_tree: Path, t
 
 def test_evaluate_counts_and_skips_a_corrupt_image(kaggle_tree: Path, tiny_weights: Path) -> None:
     (kaggle_tree / "Testing" / "notumor" / "zero.jpg").write_bytes(b"")
-    result = runner.invoke(app, ["evaluate", "--data", str(kaggle_tree), "--weights", str(tiny_weights), "--json", "--bootstrap", "0"])
+    result = runner.invoke(
+        app, ["evaluate", "--data", str(kaggle_tree), "--weights", str(tiny_weights), "--json", "--bootstrap", "0"]
+    )
     report = json.loads(result.stdout)
     assert report["n_images"] == 16 and report["n_skipped"] == 1 and "zero.jpg" in report["skipped"][0]
 
@@ -60,7 +69,9 @@ def test_errors_are_one_line_with_exit_code_2(
     arguments: list[str], message: str, kaggle_tree: Path, tmp_path: Path, tiny_weights: Path
 ) -> None:
     filled = [a.format(tree=kaggle_tree, tmp=tmp_path, weights=tiny_weights) for a in arguments]
-    completed = subprocess.run([sys.executable, "-m", "braintumor", *filled], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "braintumor", *filled], capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in completed.stderr

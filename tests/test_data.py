@@ -28,7 +28,12 @@ def test_plain_root_is_its_own_split(tmp_path: Path) -> None:
 
 
 def test_aliases_and_letter_case_are_normalised(tmp_path: Path) -> None:
-    names = {"glioma": "Glioma_Tumor", "meningioma": "meningioma_tumor", "notumor": "No Tumor", "pituitary": "PITUITARY_TUMOR"}
+    names = {
+        "glioma": "Glioma_Tumor",
+        "meningioma": "meningioma_tumor",
+        "notumor": "No Tumor",
+        "pituitary": "PITUITARY_TUMOR",
+    }
     root = write_tree(tmp_path / "old", {name: 1 for name in CLASSES}, folder_names=names)
     assert sorted(s.label for s in scan_class_folders(root)) == [0, 1, 2, 3]
     names["notumor"] = "no_tumor"

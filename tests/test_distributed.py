@@ -30,15 +30,18 @@ def _train(data: Path, out: Path, config: Path, processes: int, *extra: str) -> 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [*(launcher if processes > 1 else [sys.executable]), "-m", "braintumor", "train",
                "--config", str(config), "--data", str(data), "--out", str(out), "--quiet", *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _close(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        abs(x["train_loss"] - y["train_loss"]) <= TRAIN_TOLERANCE and abs(x["val_loss"] - y["val_loss"]) <= VAL_TOLERANCE
-        for x, y in zip(a, b)
+        abs(x["train_loss"] - y["train_loss"]) <= TRAIN_TOLERANCE
+        and abs(x["val_loss"] - y["val_loss"]) <= VAL_TOLERANCE
+        for x, y in zip(a, b, strict=True)
     )
 
 
@@ -57,7 +60,8 @@ def test_two_processes_match_one_with_the_same_global_batch(kaggle_tree: Path, t
     # The tolerance is tight enough to catch a different recipe: half the batch per step.
     assert not _close(single, _train(kaggle_tree, tmp_path / "half", config, 1, "--batch-size", "8"))
     # Rank 0 alone wrote the run folder.
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
 
 
 def test_a_distributed_run_resumes_like_an_uninterrupted_one(kaggle_tree: Path, tmp_path: Path, config: Path) -> None:
@@ -71,6 +75,8 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(kaggle_tree: Path,
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command = [*launcher, "-m", "braintumor", "train", "--config", str(config), "--data", str(kaggle_tree),
                "--out", str(tmp_path / "odd"), "--batch-size", "15", "--quiet"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode != 0
     assert "batch_size 15 must be divisible by the 2 processes" in result.stderr

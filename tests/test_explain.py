@@ -17,7 +17,8 @@ def _head(size: int = 128) -> np.ndarray:
     draw = ImageDraw.Draw(image)
     m = size // 8
     draw.ellipse([m, m // 2, size - m, size - m // 2], fill=200)  # skull
-    draw.ellipse([m + m // 3 + 1, m // 2 + m // 3 + 1, size - m - m // 3 - 1, size - m // 2 - m // 3 - 1], fill=110)  # brain
+    inset = m // 3 + 1
+    draw.ellipse([m + inset, m // 2 + inset, size - m - inset, size - m // 2 - inset], fill=110)  # brain
     return np.asarray(image)
 
 
@@ -52,8 +53,10 @@ def test_cam_hooks_are_released(tiny_model: torch.nn.Module) -> None:
     layer = resolve_layer(tiny_model, "features.8")
     pixels = np.stack([_head(32), _head(32)])
     for _ in range(3):
-        heatmaps, probabilities = compute_heatmaps(tiny_model, pixels, HeatmapRequest("gradcam", "features.8"))
-    assert heatmaps.shape == (2, 32, 32) and probabilities.shape == (2, 4)
+        result = compute_heatmaps(tiny_model, pixels, HeatmapRequest("gradcam", "features.8"))
+    assert result.heatmaps.shape == (2, 32, 32) and result.probabilities.shape == (2, 4)
+    assert result.features.shape == (2, 1280)
+    assert not tiny_model.avgpool._forward_hooks
     assert not layer._forward_hooks and not layer._backward_hooks and not layer._forward_pre_hooks
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from braintumor.evaluation import answer_summary
 from braintumor.ood import OODGuard, split_guard
 from braintumor.predict import Assessment, default_weights_path, load_model
 from braintumor.serve import create_app
+from conftest import EXAMPLES
 
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
 
@@ -45,7 +45,9 @@ def banded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state, guard = split_guard(tensors)
     assert guard is not None
     scores = guard.score(load_model(device="cpu").logits_and_features(_pixels())[1])
-    banded = OODGuard(guard.mean, guard.components, threshold=float(scores.max()) + 0.05, range_threshold=float(scores.min()) - 0.01)
+    banded = OODGuard(
+        guard.mean, guard.components, threshold=float(scores.max()) + 0.05, range_threshold=float(scores.min()) - 0.01
+    )
     path = tmp_path_factory.mktemp("banded") / "banded.safetensors"
     save_weights(state | banded.to_tensors(), path, metadata)
     return path
@@ -77,16 +79,20 @@ def test_a_photo_is_refused_not_flagged(banded_weights: Path) -> None:
 
 def test_the_flag_reaches_the_cli_table_csv_and_api(banded_weights: Path, tmp_path: Path) -> None:
     csv_file = tmp_path / "out.csv"
-    result = CliRunner().invoke(app, ["predict", str(SCANS[0]), "--weights", str(banded_weights), "--csv", str(csv_file)])
+    result = CliRunner().invoke(
+        app, ["predict", str(SCANS[0]), "--weights", str(banded_weights), "--csv", str(csv_file)]
+    )
     assert result.exit_code == 0, result.output
     assert "OUTSIDE THE VALIDATED RANGE" in result.output
     header, row = csv_file.read_text().splitlines()[:2]
-    assert dict(zip(header.split(","), row.split(",")))["outside_validated_range"] == "true"
+    assert dict(zip(header.split(","), row.split(","), strict=True))["outside_validated_range"] == "true"
     client = TestClient(create_app(load_model(banded_weights, device="cpu")))
     response = client.post("/v1/predict", files=[("files", (SCANS[0].name, SCANS[0].read_bytes(), "image/jpeg"))])
     [answer] = response.json()
     assert answer["outside_validated_range"] is True and "outside_validated_range_reason" in answer
-    explained = client.post("/v1/explain?format=json", files={"file": (SCANS[0].name, SCANS[0].read_bytes(), "image/jpeg")})
+    explained = client.post(
+        "/v1/explain?format=json", files={"file": (SCANS[0].name, SCANS[0].read_bytes(), "image/jpeg")}
+    )
     assert explained.json()["prediction"]["outside_validated_range"] is True
 
 

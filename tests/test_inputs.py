@@ -124,7 +124,31 @@ def test_truncated_jpeg_and_missing_path(tmp_path: Path) -> None:
 def test_expand_inputs_walks_folders_and_globs(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.png", "a/b/2.jpg", "a/b/.hidden.png", "a/readme.txt", "top.png"):
-        Image.new("L", (4, 4)).save(tmp_path / name, format="PNG") if name.endswith("png") or name.endswith("jpg") else (tmp_path / name).write_text("x")
+        if name.endswith("png") or name.endswith("jpg"):
+            Image.new("L", (4, 4)).save(tmp_path / name, format="PNG")
+        else:
+            (tmp_path / name).write_text("x")
     assert expand_inputs([tmp_path / "a"]) == [tmp_path / "a" / "1.png", tmp_path / "a" / "b" / "2.jpg"]
     assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [tmp_path / "a" / "1.png", tmp_path / "top.png"]
     assert expand_inputs([tmp_path / "absent.png"]) == [tmp_path / "absent.png"]
+
+
+def test_bytes_read_as_their_file_does(tmp_path: Path) -> None:
+    """Uploads are decoded from memory: the same slices as from the file, named as the client said."""
+    volume = (np.random.default_rng(0).random((16, 16, 5)) * 1000).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii")
+    image = tmp_path / "scan.png"
+    Image.fromarray((_ramp() * 255).astype(np.uint8)).save(image)
+    files = [image, write_dicom(tmp_path / "frames.dcm", np.zeros((3, 8, 8), np.uint16) + 7), tmp_path / "vol.nii.gz"]
+    files.append(tmp_path / "vol.nii")
+    for path in files:
+        from_file = read_scan(path)
+        from_bytes = read_scan(path.read_bytes(), "upload name")
+        assert len(from_bytes) == len(from_file) and from_bytes[0].path == "upload name"
+        for a, b in zip(from_file, from_bytes, strict=True):
+            assert np.array_equal(a.pixels, b.pixels) and (a.index, a.volume) == (b.index, b.volume)
+    # A NIfTI volume sent under a name without its suffix is still recognised by its header.
+    assert len(read_scan((tmp_path / "vol.nii").read_bytes(), "upload")) == 5
+    with pytest.raises(InvalidImageError, match="^empty.png: file is empty$"):
+        read_scan(b"", "empty.png")

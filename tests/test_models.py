@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from braintumor.errors import ConfigError
 from torchvision.ops.misc import SqueezeExcitation
 
+from braintumor.errors import ConfigError
 from braintumor.models import (
     SE_GATE_BIAS,
     _lite0_state_dict,
@@ -51,7 +50,7 @@ def test_every_non_se_tensor_is_loaded_with_equal_shapes(lite0_state: dict[str, 
     }
     assert len(projections) == 16
     gate = torch.sigmoid(torch.tensor(SE_GATE_BIAS))
-    for key, tensor in zip(loaded, source):
+    for key, tensor in zip(loaded, source, strict=True):
         assert state[key].shape == tensor.shape
         if key in projections:
             assert torch.allclose(state[key] * gate, tensor, atol=1e-6), key

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import EXAMPLES
 from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.errors import CheckpointError, ConfigError
 from braintumor.predict import load_model
+from conftest import EXAMPLES
 
 runner = CliRunner()
 
@@ -34,18 +34,18 @@ def test_export_command_writes_a_complete_model_with_a_dynamic_batch(tmp_path: P
 
 
 def test_backends_agree_on_the_bundled_scans(shipped_onnx: Path) -> None:
-    torch_results = load_model(device="cpu").predict(EXAMPLES)
+    torch_results = load_model(device="cpu", backend="torch").predict(EXAMPLES)
     onnx_results = load_model(shipped_onnx).predict(EXAMPLES)
-    in_memory = load_model(backend="onnx", device="cpu").predict(EXAMPLES)
+    in_memory = load_model(device="cpu").predict(EXAMPLES)  # the default: the graph beside the weights
     assert len(torch_results) == len(onnx_results) == 12
-    for a, b, c in zip(torch_results, onnx_results, in_memory):
+    for a, b, c in zip(torch_results, onnx_results, in_memory, strict=True):
         assert a.path == b.path and (a.label, a.uncertain, a.not_brain_mri) == (b.label, b.uncertain, b.not_brain_mri)
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= 1e-4
         assert max(abs(a.probabilities[k] - c.probabilities[k]) for k in a.probabilities) <= 1e-4
 
 
 def test_predict_command_runs_the_onnx_backend(shipped_onnx: Path) -> None:
-    torch_run = runner.invoke(app, ["predict", str(EXAMPLES), "--json"])
+    torch_run = runner.invoke(app, ["predict", str(EXAMPLES), "--json", "--backend", "torch"])
     onnx_run = runner.invoke(app, ["predict", str(EXAMPLES), "--json", "--weights", str(shipped_onnx)])
     assert torch_run.exit_code == onnx_run.exit_code == 0, onnx_run.output
     assert [o["label"] for o in json.loads(onnx_run.stdout)] == [o["label"] for o in json.loads(torch_run.stdout)]

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from braintumor.checkpoint import save_weights
 from braintumor.cli import app
 from braintumor.models import build_efficientnet_b0
-from braintumor.predict import load_model, summarize_volume
+from braintumor.predict import load_model
+from braintumor.results import summarize_volume
 from conftest import write_dicom
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
@@ -49,7 +50,9 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 def test_api_accepts_paths_images_and_arrays(tiny_weights: Path, mixed_folder: Path) -> None:
     classifier = load_model(tiny_weights)
-    results = classifier.predict([mixed_folder / "a.jpg", Image.open(mixed_folder / "b.png"), np.zeros((20, 30, 3), np.uint8)])
+    results = classifier.predict(
+        [mixed_folder / "a.jpg", Image.open(mixed_folder / "b.png"), np.zeros((20, 30, 3), np.uint8)]
+    )
     assert [r.path for r in results] == [str(mixed_folder / "a.jpg"), "<image 1>", "<image 2>"]
     for result in results:
         assert result.label in NAMES and result.error is None
@@ -68,7 +71,9 @@ def test_failures_are_reported_in_order_and_the_rest_classified(tiny_weights: Pa
 
 def test_predict_json_csv_and_exit_code_1(tiny_weights: Path, mixed_folder: Path, tmp_path: Path) -> None:
     csv_path = tmp_path / "out.csv"
-    result = runner.invoke(app, ["predict", str(mixed_folder), "--weights", str(tiny_weights), "--json", "--csv", str(csv_path)])
+    result = runner.invoke(
+        app, ["predict", str(mixed_folder), "--weights", str(tiny_weights), "--json", "--csv", str(csv_path)]
+    )
     assert result.exit_code == 1
     objects = json.loads(result.stdout)
     assert len(objects) == 6
@@ -94,8 +99,10 @@ def test_api_and_command_line_agree(tiny_weights: Path) -> None:
 def test_usage_errors_exit_2(tiny_weights: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert runner.invoke(app, ["predict", str(tmp_path / "empty"), "--weights", str(tiny_weights)]).exit_code == 2
-    assert runner.invoke(app, ["predict", str(EXAMPLES), "--weights", str(tmp_path / "none.safetensors")]).exit_code == 2
-    assert runner.invoke(app, ["explain", str(EXAMPLES), "--out", str(tmp_path / "o"), "--method", "magic"]).exit_code == 2
+    missing_weights = ["predict", str(EXAMPLES), "--weights", str(tmp_path / "none.safetensors")]
+    assert runner.invoke(app, missing_weights).exit_code == 2
+    bad_method = ["explain", str(EXAMPLES), "--out", str(tmp_path / "o"), "--method", "magic"]
+    assert runner.invoke(app, bad_method).exit_code == 2
 
 
 def test_nifti_volume_has_slice_results_and_a_summary(tiny_weights: Path, tmp_path: Path) -> None:
@@ -114,7 +121,10 @@ def test_nifti_volume_has_slice_results_and_a_summary(tiny_weights: Path, tmp_pa
 def test_volume_summary_prefers_a_confident_tumour_slice() -> None:
     from braintumor.predict import Prediction
 
-    slices = [Prediction("v.nii#slice=0", "notumor", 0.99, index=0), Prediction("v.nii#slice=1", "glioma", 0.9, index=1)]
+    slices = [
+        Prediction("v.nii#slice=0", "notumor", 0.99, index=0),
+        Prediction("v.nii#slice=1", "glioma", 0.9, index=1),
+    ]
     summary = summarize_volume(slices)
     assert summary["label"] == "glioma" and summary["classes"]["glioma"]["slices"] == [1]
 
@@ -141,13 +151,17 @@ def test_memory_stays_flat_as_the_number_of_files_grows(tiny_weights: Path, tmp_
 
 def test_explain_writes_pngs_with_image_sized_non_constant_maps(tmp_path: Path) -> None:
     classifier = load_model()
-    explanations = classifier.explain(sorted((EXAMPLES / "meningioma").iterdir())[:2] + [np.zeros((300, 200), np.uint8) + 5])
+    explanations = classifier.explain(
+        sorted((EXAMPLES / "meningioma").iterdir())[:2] + [np.zeros((300, 200), np.uint8) + 5]
+    )
     for explanation in explanations:
         assert explanation.heatmap.shape == explanation.pixels.shape
-        assert 0.0 <= explanation.heatmap.min() and explanation.heatmap.max() <= 1.0
+        assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() <= 1.0
     assert explanations[2].heatmap.shape == (300, 200)
     assert all(e.heatmap.std() > 0.05 for e in explanations[:2])
-    result = runner.invoke(app, ["explain", str(EXAMPLES / "pituitary"), "--out", str(tmp_path / "maps"), "--target", "glioma"])
+    result = runner.invoke(
+        app, ["explain", str(EXAMPLES / "pituitary"), "--out", str(tmp_path / "maps"), "--target", "glioma"]
+    )
     assert result.exit_code == 0, result.output
     pngs = sorted((tmp_path / "maps").glob("*.png"))
     assert len(pngs) == 3 and all(Image.open(p).size[0] > 400 for p in pngs)

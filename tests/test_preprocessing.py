@@ -64,7 +64,9 @@ def test_robust_augmentation_is_seeded_and_stays_in_range() -> None:
 def test_histogram_matching_gives_an_image_the_greys_of_another_class() -> None:
     pixels = torch.cat([_heads(4, seed=1) // 3, _heads(4, seed=2)])  # a dark class and a bright class
     labels = torch.tensor([0] * 4 + [1] * 4)
-    only_matching = AugmentConfig(hflip=0, degrees=0, translate=0, scale=(1, 1), contrast=(1, 1), brightness=0, histogram_match=1.0)
+    only_matching = AugmentConfig(
+        hflip=0, degrees=0, translate=0, scale=(1, 1), contrast=(1, 1), brightness=0, histogram_match=1.0
+    )
     out = augment(pixels, only_matching, torch.Generator().manual_seed(0), labels)
     before = pixels.float().mean(dim=(1, 2)) / 255
     after = out.mean(dim=(1, 2, 3))
@@ -77,7 +79,7 @@ def test_histogram_matching_gives_an_image_the_greys_of_another_class() -> None:
 
 
 def test_config_names_the_valid_policies_and_limits_the_probe(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="augment_policy 'wild' is not one of basic, robust"):
+    with pytest.raises(ConfigError, match="augment_policy 'wild' is not one of basic, robust, robust_light"):
         resolve_config(None, data=tmp_path, out=tmp_path / "run", augment_policy="wild")
     with pytest.raises(ConfigError, match="probe_epochs must be in"):
         resolve_config(None, data=tmp_path, out=tmp_path / "run", epochs=2, probe_epochs=2)
@@ -114,7 +116,7 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
     state = split_guard(load_weights(default_weights_path())[0])[0]  # trained weights: outputs follow the input
     weights = tmp_path / "head.safetensors"
     save_weights(state, weights, {"class_names": ["glioma", "meningioma", "notumor", "pituitary"],
-                                               **Preprocessing(image_size=64, standardise="head", smoothing=1.0).to_metadata()})
+                                  **Preprocessing(image_size=64, standardise="head", smoothing=1.0).to_metadata()})
     pixels = _heads(5).numpy()
     in_torch = load_model(weights, device="cpu").predict_pixels(pixels)
     in_onnx = load_model(weights, backend="onnx").predict_pixels(pixels)
@@ -130,7 +132,8 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
         Image.fromarray(image).save(tmp_path / f"{k}.png")
         uploads.append(("files", (f"{k}.png", (tmp_path / f"{k}.png").read_bytes(), "image/png")))
     answers = TestClient(create_app(load_model(weights, device="cpu"))).post("/v1/predict", files=uploads).json()
-    served = np.array([[a["probabilities"][name] for name in ("glioma", "meningioma", "notumor", "pituitary")] for a in answers])
+    names = ("glioma", "meningioma", "notumor", "pituitary")
+    served = np.array([[a["probabilities"][name] for name in names] for a in answers])
     assert np.abs(served - in_torch).max() <= 1e-4
     # ImageNet normalisation would give other probabilities: the setting is really read.
     imagenet = tmp_path / "imagenet.safetensors"
@@ -141,12 +144,12 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
 
 def test_bf16_only_where_the_cpu_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN emulates bf16 on any AVX-512 CPU, slower than fp32; the CPU's flags decide."""
-    from braintumor import engine
+    from braintumor import runtime
 
     def cpuinfo(flags: str):
         return lambda self, *args, **kwargs: f"processor : 0\nflags : fpu sse avx2 avx512f {flags}\n"
 
     monkeypatch.setattr(Path, "read_text", cpuinfo(""))
-    assert engine.cpu_supports_bf16() is False and engine.select_runtime("cpu").amp_dtype is None
+    assert runtime.cpu_supports_bf16() is False and runtime.select_runtime("cpu").amp_dtype is None
     monkeypatch.setattr(Path, "read_text", cpuinfo("avx512_bf16"))
-    assert engine.cpu_supports_bf16() is True and engine.select_runtime("cpu").amp_dtype == torch.bfloat16
+    assert runtime.cpu_supports_bf16() is True and runtime.select_runtime("cpu").amp_dtype == torch.bfloat16

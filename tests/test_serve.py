@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, live_server, write_dicom
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from braintumor.cli import app as cli_app
 from braintumor.predict import Classifier, load_model
 from braintumor.serve import ServiceLimits, create_app
+from conftest import EXAMPLES, live_server, write_dicom
 
 LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4)
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
@@ -46,7 +46,7 @@ def test_health_and_model_information(client: TestClient, classifier: Classifier
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
     assert info["class_names"] == classifier.class_names == ["glioma", "meningioma", "notumor", "pituitary"]
-    assert info["image_size"] == 224 and info["backend"] == "torch" and info["ood_guard"] is True
+    assert info["image_size"] == 224 and info["backend"] == "onnx" and info["ood_guard"] is True
     assert len(info["version"]["sha256"]) == 64 and info["version"]["weights"].endswith(".safetensors")
     assert 0.98 <= info["metrics"]["test"]["accuracy"] <= 1.0
     assert info["uncertainty_threshold"] == pytest.approx(classifier.uncertainty_threshold)
@@ -58,7 +58,7 @@ def test_predict_answers_what_the_python_api_answers(client: TestClient, classif
     assert response.status_code == 200
     objects = response.json()
     assert [o["path"] for o in objects] == [p.name for p in chosen]
-    for obj, path in zip(objects, chosen):
+    for obj, path in zip(objects, chosen, strict=True):
         expected = classifier.predict(path)[0]
         assert obj["label"] == expected.label == path.parent.name
         assert set(obj) >= {"label", "confidence", "probabilities", "uncertain", "not_brain_mri"}
@@ -100,7 +100,11 @@ def _truncated_jpeg() -> bytes:
 @pytest.mark.parametrize(
     ("files", "status", "message"),
     [
-        ([("files", ("a.jpg", SCANS[0].read_bytes(), "image/jpeg"))] * 5, 413, "5 files in one request; the limit is 4"),
+        (
+            [("files", ("a.jpg", SCANS[0].read_bytes(), "image/jpeg"))] * 5,
+            413,
+            "5 files in one request; the limit is 4",
+        ),
         ([("files", ("big.png", b"\x89PNG" + bytes(400_000), "image/png"))], 413, "big.png: larger than"),
         ([("files", ("notes.txt", b"hello, radiologist", "text/plain"))], 415, "notes.txt: unsupported file type"),
         ([("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))], 422, "cut.jpg: "),
@@ -132,14 +136,18 @@ def test_an_oversized_chunked_upload_is_cut_off_while_it_streams(client: TestCli
             yield bytes(65536)
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    response = client.post("/v1/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post(
+        "/v1/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert response.status_code == 413 and "request body is over" in response.json()["error"]
     assert client.get("/healthz").status_code == 200
 
 
 def test_a_bad_upload_does_not_disturb_the_next_request(client: TestClient) -> None:
-    assert client.post("/v1/predict", files=[("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))]).status_code == 422
-    assert client.post("/v1/predict", content=b"not multipart", headers={"content-type": "text/plain"}).status_code == 422
+    truncated = client.post("/v1/predict", files=[("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))])
+    assert truncated.status_code == 422
+    not_multipart = client.post("/v1/predict", content=b"not multipart", headers={"content-type": "text/plain"})
+    assert not_multipart.status_code == 422
     good = client.post("/v1/predict", files=[_upload(SCANS[0])])
     assert good.status_code == 200 and good.json()[0]["label"] == SCANS[0].parent.name
     assert client.get("/healthz").status_code == 200
@@ -150,7 +158,9 @@ def test_explain_returns_a_figure_or_json_with_images(client: TestClient) -> Non
     figure = client.post("/v1/explain", files=[_upload(scan, "file")])
     assert figure.status_code == 200 and figure.headers["content-type"] == "image/png"
     assert figure.content.startswith(b"\x89PNG")
-    response = client.post("/v1/explain", params={"format": "json", "target": "pituitary"}, files=[_upload(scan, "file")])
+    response = client.post(
+        "/v1/explain", params={"format": "json", "target": "pituitary"}, files=[_upload(scan, "file")]
+    )
     data = response.json()
     assert data["prediction"]["path"] == scan.name and data["target"] == "pituitary" and data["method"] == "layercam"
     original = Image.open(scan).size
@@ -164,8 +174,8 @@ def test_explain_returns_a_figure_or_json_with_images(client: TestClient) -> Non
 
 @pytest.mark.parametrize(
     ("params", "message"),
-    [({"method": "magic"}, "method 'magic'"), ({"target": "cat"}, "target 'cat'"), ({"index": 3}, "index 3 is out of range"),
-     ({"format": "gif"}, "malformed request")],
+    [({"method": "magic"}, "method 'magic'"), ({"target": "cat"}, "target 'cat'"),
+     ({"index": 3}, "index 3 is out of range"), ({"format": "gif"}, "malformed request")],
 )
 def test_explain_rejects_bad_parameters(client: TestClient, params: dict, message: str) -> None:
     response = client.post("/v1/explain", params=params, files=[_upload(SCANS[0], "file")])
@@ -193,7 +203,7 @@ def test_concurrent_requests_each_get_their_own_answer(classifier: Classifier) -
 
         with ThreadPoolExecutor(max_workers=6) as pool:
             answers = list(pool.map(ask, SCANS[:6] * 3))
-    for answer, path in zip(answers, SCANS[:6] * 3):
+    for answer, path in zip(answers, SCANS[:6] * 3, strict=True):
         assert answer["path"] == path.name and answer["label"] == expected[path.name].label
         assert answer["confidence"] == pytest.approx(expected[path.name].confidence, abs=1e-5)
 
@@ -209,9 +219,12 @@ def test_concurrent_requests_share_forward_passes(classifier: Classifier) -> Non
         return classifier.predict_slices(slices, batch_size)
 
     spy.predict_slices = predict_slices  # type: ignore[method-assign]
-    with live_server(create_app(spy, LIMITS)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda p: http.post("/v1/predict", files=[_upload(p)]).json()[0], SCANS[:8]))
+    with (
+        live_server(create_app(spy, LIMITS)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+        ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        answers = list(pool.map(lambda p: http.post("/v1/predict", files=[_upload(p)]).json()[0], SCANS[:8]))
     assert [a["path"] for a in answers] == [p.name for p in SCANS[:8]]
     assert sum(batches) == 8 and max(batches) >= 2 and len(batches) < 8
 
@@ -235,7 +248,8 @@ def test_explanations_run_on_their_own_copy_of_the_network(classifier: Classifie
     test, so this pins the guarantee itself: explanations never share a network with predictions."""
     app = create_app(classifier, LIMITS, workers=2)
     assert app.state.explainer.model is not app.state.classifier.model
-    network, copy = dict(app.state.classifier.model.named_parameters()), dict(app.state.explainer.model.named_parameters())
+    network = dict(app.state.classifier.model.named_parameters())
+    copy = dict(app.state.explainer.model.named_parameters())
     assert all(torch.equal(network[k], copy[k]) and network[k].data_ptr() != copy[k].data_ptr() for k in network)
 
 
@@ -243,8 +257,9 @@ def test_onnx_backend_serves_the_same_answers(client: TestClient, shipped_onnx: 
     onnx_client = TestClient(create_app(load_model(shipped_onnx), LIMITS))
     assert onnx_client.get("/v1/model").json()["backend"] == "onnx"
     files = [_upload(p) for p in SCANS[:4]]
-    torch_answers, onnx_answers = client.post("/v1/predict", files=files).json(), onnx_client.post("/v1/predict", files=files).json()
-    for a, b in zip(torch_answers, onnx_answers):
+    torch_answers = client.post("/v1/predict", files=files).json()
+    onnx_answers = onnx_client.post("/v1/predict", files=files).json()
+    for a, b in zip(torch_answers, onnx_answers, strict=True):
         assert a["label"] == b["label"]
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) <= 1e-4
     response = onnx_client.post("/v1/explain", files=[_upload(SCANS[0], "file")])
@@ -261,3 +276,43 @@ def test_serve_command_reports_bad_weights_and_busy_ports_in_one_line(tmp_path: 
         port = busy.getsockname()[1]
         result = CliRunner().invoke(cli_app, ["serve", "--port", str(port)])
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_a_bad_file_among_good_ones_gets_its_own_error(client: TestClient) -> None:
+    files = [_upload(SCANS[0]), ("files", ("notes.txt", b"hello", "text/plain")), _upload(SCANS[1])]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    objects = response.json()
+    assert [o["path"] for o in objects] == [SCANS[0].name, "notes.txt", SCANS[1].name]
+    assert objects[0]["label"] == SCANS[0].parent.name and objects[2]["label"] == SCANS[1].parent.name
+    assert objects[1]["label"] is None and "notes.txt: unsupported file type" in objects[1]["error"]
+
+
+def test_a_long_upload_name_is_answered_without_server_paths(client: TestClient) -> None:
+    name = "x" * 300 + ".jpg"
+    response = client.post("/v1/predict", files=[("files", (name, SCANS[0].read_bytes(), "image/jpeg"))])
+    assert response.status_code == 200
+    [answer] = response.json()
+    assert answer["label"] == SCANS[0].parent.name and len(answer["path"]) == 255
+    bad = client.post("/v1/predict", files=[("files", (name, b"\x89PNG\r\n\x1a\n broken", "image/png"))])
+    assert bad.status_code == 422 and "/tmp" not in bad.json()["error"] and "braintumor-" not in bad.json()["error"]
+
+
+def test_explain_as_json_draws_no_figure(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import braintumor.explain
+
+    def no_figure(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a figure was drawn for a JSON answer")
+
+    monkeypatch.setattr(braintumor.explain, "save_figure", no_figure)
+    response = client.post("/v1/explain?format=json", files=[_upload(SCANS[0], "file")])
+    assert response.status_code == 200 and response.json()["prediction"]["label"] == SCANS[0].parent.name
+
+
+def test_the_batcher_threads_end_with_the_service(classifier: Classifier) -> None:
+    app = create_app(classifier, LIMITS)
+    with TestClient(app) as client:
+        assert client.post("/v1/predict", files=[_upload(SCANS[0])]).status_code == 200
+        threads = list(app.state.batcher._threads)
+        assert threads and all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads)

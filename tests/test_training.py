@@ -40,7 +40,9 @@ def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, t
     assert len(split["val_paths"]) + split["n_train"] == 48
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_a_kill_matches_an_uninterrupted_run(
+    kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fit(_config(kaggle_tree, tmp_path / "whole", epochs=2, lr_schedule="cosine"), progress=False)
 
     real_save = training.save_training_state
@@ -60,7 +62,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(kaggle_tree: Path, tmp
     resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     for key, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][key]), key
-    whole_best, resumed_best = load_file(tmp_path / "whole" / "best.safetensors"), load_file(tmp_path / "killed" / "best.safetensors")
+    whole_best = load_file(tmp_path / "whole" / "best.safetensors")
+    resumed_best = load_file(tmp_path / "killed" / "best.safetensors")
     assert all(torch.equal(whole_best[k], resumed_best[k]) for k in whole_best)
 
 
@@ -91,8 +94,8 @@ def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_pa
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"), ({"colour": 1}, "unknown"),
-     ({"label_smoothing": 1.0}, "label_smoothing"), ({"ema_decay": 1.0}, "ema_decay")],
+    [({"epochs": 0}, "epochs"), ({"lr_schedule": "step"}, "constant, cosine"), ({"init": "vgg"}, "lite0"),
+     ({"colour": 1}, "unknown"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"ema_decay": 1.0}, "ema_decay")],
 )
 def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -101,7 +104,8 @@ def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -
 
 def test_refit_without_validation_keeps_the_last_epoch(kaggle_tree: Path, tmp_path: Path) -> None:
     first = fit(_config(kaggle_tree, tmp_path / "first", epochs=1), progress=False)
-    refit = fit(_config(kaggle_tree, tmp_path / "refit", epochs=2, val_fraction=0.0, init=str(tmp_path / "first" / "best.safetensors")), progress=False)
+    init = str(tmp_path / "first" / "best.safetensors")
+    refit = fit(_config(kaggle_tree, tmp_path / "refit", epochs=2, val_fraction=0.0, init=init), progress=False)
     assert first["best"]["epoch"] == 1 and refit["best"]["epoch"] == 2
     assert json.loads((tmp_path / "refit" / "split.json").read_text())["n_train"] == 48
     assert read_metadata(tmp_path / "refit" / "best.safetensors")["training_data"]["n_val"] == 0
@@ -114,7 +118,9 @@ def test_label_smoothing_reaches_the_loss(kaggle_tree: Path, tmp_path: Path) -> 
     assert smooth["history"][0]["train_loss"] > plain["history"][0]["train_loss"]
 
 
-def test_weight_average_is_what_gets_validated_kept_and_resumed(kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_average_is_what_gets_validated_kept_and_resumed(
+    kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With ema_decay the best weights are the moving average (not the raw weights), the log shows
     both, and a killed run resumes to exactly the uninterrupted run's average."""
     settings = {"epochs": 2, "lr": 1e-3, "ema_decay": 0.9}

@@ -70,7 +70,10 @@ def audit(data: str | Path, threshold: int = DEFAULT_NEAR_THRESHOLD, progress: b
     collected = _collect(data)
     decoded = load_cached([s.path for _, s in collected], HASH_IMAGE_SIZE, None, progress=progress)
     keep = np.flatnonzero(decoded.ok)
-    images = [AuditedImage(collected[i][1].path, collected[i][0], collected[i][1].label, _sha256(collected[i][1].path)) for i in keep]
+    images = [
+        AuditedImage(collected[i][1].path, collected[i][0], collected[i][1].label, _sha256(collected[i][1].path))
+        for i in keep
+    ]
     pixels = np.asarray(decoded.pixels)[keep]
 
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -91,7 +94,9 @@ def audit(data: str | Path, threshold: int = DEFAULT_NEAR_THRESHOLD, progress: b
     return report
 
 
-def training_twins(data: Path, testing_paths: list[Path], testing_pixels: np.ndarray, threshold: int = DEFAULT_NEAR_THRESHOLD) -> np.ndarray:
+def training_twins(
+    data: Path, testing_paths: list[Path], testing_pixels: np.ndarray, threshold: int = DEFAULT_NEAR_THRESHOLD
+) -> np.ndarray:
     """For each Testing image, whether Training holds an exact or near (<= threshold bits) copy.
 
     ``testing_pixels`` are the images decoded at any square size; Training is decoded at the same.
@@ -99,7 +104,7 @@ def training_twins(data: Path, testing_paths: list[Path], testing_pixels: np.nda
     training = load_split(data, "Training")
     decoded = load_cached([s.path for s in training], testing_pixels.shape[-1], None, progress=False)
     train_pixels = np.asarray(decoded.pixels)[decoded.ok]
-    train_paths = [s.path for s, ok in zip(training, decoded.ok) if ok]
+    train_paths = [s.path for s, ok in zip(training, decoded.ok, strict=True) if ok]
     test_hashes, test_mirrored = perceptual_hashes(np.asarray(testing_pixels))
     twin = np.zeros(len(testing_paths), dtype=bool)
     for test_index, _, _ in near_pairs(test_hashes, test_mirrored, threshold, other=perceptual_hashes(train_pixels)):
@@ -110,7 +115,11 @@ def training_twins(data: Path, testing_paths: list[Path], testing_pixels: np.nda
 
 
 def _summarise(
-    images: list[AuditedImage], exact_groups: list[list[int]], pairs: list[tuple[int, int, int]], near_groups: np.ndarray, threshold: int
+    images: list[AuditedImage],
+    exact_groups: list[list[int]],
+    pairs: list[tuple[int, int, int]],
+    near_groups: np.ndarray,
+    threshold: int,
 ) -> dict[str, Any]:
     splits = sorted({image.split for image in images})
     exact_cross = [g for g in exact_groups if len({images[i].split for i in g}) > 1]
@@ -133,7 +142,9 @@ def _summarise(
         "exact": {
             "groups": len(exact_groups),
             "files_in_groups": int(sum(len(g) for g in exact_groups)),
-            "groups_within": {split: sum(1 for g in exact_groups if {images[i].split for i in g} == {split}) for split in splits},
+            "groups_within": {
+                split: sum(1 for g in exact_groups if {images[i].split for i in g} == {split}) for split in splits
+            },
             "groups_across_splits": len(exact_cross),
             "testing_files_with_training_twin": len(test_with_exact_twin),
             "label_conflict_groups": [[str(images[i].path) for i in g] for g in exact_conflicts],
@@ -153,7 +164,11 @@ def _summarise(
         },
         "leak_free_testing": {
             "n_images": n_test - len(test_with_near_twin),
-            "paths": [str(image.path) for i, image in enumerate(images) if image.split == "Testing" and i not in test_with_near_twin],
+            "paths": [
+                str(image.path)
+                for i, image in enumerate(images)
+                if image.split == "Testing" and i not in test_with_near_twin
+            ],
         },
     }
 
@@ -179,7 +194,8 @@ def write_report(report: dict[str, Any], out: Path, data_root: Path) -> None:
     for name, candidates in buckets.items():
         if not candidates:
             continue
-        chosen = [candidates[i] for i in sorted(rng.choice(len(candidates), size=min(6, len(candidates)), replace=False))]
+        picked = rng.choice(len(candidates), size=min(6, len(candidates)), replace=False)
+        chosen = [candidates[i] for i in sorted(picked)]
         path = out / f"pairs_{name}.png"
         contact_sheet([(images[a].path, images[b].path, _caption(images, a, b, d, name)) for a, b, d in chosen], path)
         sheets[name] = path.name
@@ -196,7 +212,10 @@ def _exact_pairs(images: list[AuditedImage]) -> list[tuple[int, int]]:
 def _caption(images: list[AuditedImage], a: int, b: int, distance: int, tier: str) -> str:
     left, right = images[a], images[b]
     how = "identical bytes" if tier == "exact" else f"{distance} bits"
-    return f"{left.split[:2]}/{CLASS_NAMES[left.label][:4]} {left.path.name}  |  {right.split[:2]}/{CLASS_NAMES[right.label][:4]} {right.path.name}  ({how})"
+    return (
+        f"{left.split[:2]}/{CLASS_NAMES[left.label][:4]} {left.path.name}  |  "
+        f"{right.split[:2]}/{CLASS_NAMES[right.label][:4]} {right.path.name}  ({how})"
+    )
 
 
 def _markdown(report: dict[str, Any], sheets: dict[str, str]) -> str:
@@ -210,8 +229,11 @@ def _markdown(report: dict[str, Any], sheets: dict[str, str]) -> str:
         "",
         "| tier | groups (2+ files) | files in them | Testing files with a Training twin | label conflicts |",
         "|---|---|---|---|---|",
-        f"| exact (identical bytes) | {exact['groups']} | {exact['files_in_groups']} | {exact['testing_files_with_training_twin']} | {len(exact['label_conflict_groups'])} groups |",
-        f"| near (<= {report['threshold_bits']} bits, includes exact) | {near['groups_with_2_or_more']} | {near['files_in_groups']} | {near['testing_files_with_training_near_twin']} | {len(near['label_conflict_pairs'])} pairs |",
+        f"| exact (identical bytes) | {exact['groups']} | {exact['files_in_groups']} "
+        f"| {exact['testing_files_with_training_twin']} | {len(exact['label_conflict_groups'])} groups |",
+        f"| near (<= {report['threshold_bits']} bits, includes exact) | {near['groups_with_2_or_more']} "
+        f"| {near['files_in_groups']} | {near['testing_files_with_training_near_twin']} "
+        f"| {len(near['label_conflict_pairs'])} pairs |",
         "",
         f"Exact groups within a split: {exact['groups_within']}; across splits: {exact['groups_across_splits']}.",
         f"Near pairs by scope: {near['pairs_by_scope']}; largest near group: {near['largest_group']} files.",

@@ -5,17 +5,25 @@ Every ``BraintumorError`` becomes one line on stderr and exit code 2; no traceba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import typer
 
 from .errors import BraintumorError
 
+if TYPE_CHECKING:
+    from .results import Prediction, VolumeCollector
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Brain MRI tumour classification with EfficientNet-B0.")
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Brain MRI tumour classification with EfficientNet-B0.",
+)
 
 
 @app.callback()
@@ -30,6 +38,7 @@ def _setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" is no result
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -46,7 +55,9 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-4)."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant (default) or cosine."),
-    init: Optional[str] = typer.Option(None, help="lite0 (default, offline ImageNet), imagenet (download), none, or a weights file."),
+    init: Optional[str] = typer.Option(
+        None, help="lite0 (default, offline ImageNet), imagenet (download), none, or a weights file."
+    ),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Training augmentation (default on)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
     device: Optional[str] = typer.Option(None, help="auto (default), cpu or cuda."),
@@ -86,31 +97,40 @@ def _interval(report: dict, key: str) -> str:
 def _print_report(report: dict) -> None:
     """Human-readable summary of an evaluation report."""
     typer.echo(f"{report['data']} ({report['split']}): {report['n_images']} images, {report['n_skipped']} skipped")
-    typer.echo(f"accuracy     {report['accuracy']:.4f}{_interval(report, 'accuracy_ci95')}  ({report['n_errors']} errors)")
+    typer.echo(
+        f"accuracy     {report['accuracy']:.4f}{_interval(report, 'accuracy_ci95')}  ({report['n_errors']} errors)"
+    )
     typer.echo(f"weighted F1  {report['weighted_f1']:.4f}{_interval(report, 'weighted_f1_ci95')}")
-    typer.echo(f"macro F1     {report['macro_f1']:.4f}   macro ROC-AUC {report['macro_roc_auc'] or float('nan'):.4f}   ECE {report['ece']:.4f}")
+    typer.echo(
+        f"macro F1     {report['macro_f1']:.4f}   "
+        f"macro ROC-AUC {report['macro_roc_auc'] or float('nan'):.4f}   ECE {report['ece']:.4f}"
+    )
     typer.echo(f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name, row in report["per_class"].items():
         typer.echo(f"{name:<12}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>9}")
     typer.echo("confusion matrix (rows true, columns predicted): " + ", ".join(report["labels"]))
-    for name, row in zip(report["labels"], report["confusion_matrix"]):
+    for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
         typer.echo(f"  {name:<12}" + "".join(f"{v:>6}" for v in row))
     if "rejected_as_not_brain_mri" in report:
         typer.echo(f"rejected as not a brain MRI: {report['rejected_as_not_brain_mri']['n']} real scans "
-                   f"({report['rejected_as_not_brain_mri']['rate']:.2%}); the figures above still score their tumour class")
+                   f"({report['rejected_as_not_brain_mri']['rate']:.2%}); "
+                   "the figures above still score their tumour class")
     if "uncertainty" in report:
         flag = report["uncertainty"]
         typer.echo(f"flagged uncertain (confidence < {flag['threshold']:.3f}): {flag['n_flagged']} scans holding "
-                   f"{flag['errors_flagged']} of the errors; accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
+                   f"{flag['errors_flagged']} of the errors; "
+                   f"accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
     answers = report.get("answers")
     if answers is not None:
-        typer.echo(f"outside the validated range (classified, flagged): {answers['flagged_outside_validated_range']['n']}; "
+        typer.echo("outside the validated range (classified, flagged): "
+                   f"{answers['flagged_outside_validated_range']['n']}; "
                    f"silent wrong answers (wrong, with no flag): {answers['silent_wrong']['n']} "
                    f"({answers['silent_wrong']['rate']:.2%})")
     if "leak_free" in report:
         clean = report["leak_free"]
         typer.echo(f"leak-free subset ({clean['n_images']} Testing images with no near duplicate in Training): "
-                   f"accuracy {clean['accuracy']:.4f}{_interval(clean, 'accuracy_ci95')}  weighted F1 {clean['weighted_f1']:.4f}  "
+                   f"accuracy {clean['accuracy']:.4f}{_interval(clean, 'accuracy_ci95')}  "
+                   f"weighted F1 {clean['weighted_f1']:.4f}  "
                    f"({clean['n_errors']} errors)")
 
 
@@ -146,7 +166,9 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the 95% intervals (0: none)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    leak_free: bool = typer.Option(True, "--leak-free/--no-leak-free", help="Also report the Testing images with no near duplicate in Training."),
+    leak_free: bool = typer.Option(
+        True, "--leak-free/--no-leak-free", help="Also report the Testing images with no near duplicate in Training."
+    ),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
     shift: Optional[str] = typer.Option(
         None, "--shift", metavar="NAME[,NAME...]|all",
@@ -201,8 +223,15 @@ def predict(
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored scan."),
-    backend: Optional[str] = typer.Option(None, help="torch or onnx (ONNX Runtime); default: onnx for an .onnx --weights file, else torch."),
-    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 autocast: faster where the hardware has it; changes a few borderline predictions (benchmarks/RESULTS.md)."),
+    backend: Optional[str] = typer.Option(
+        None, help="auto (default: ONNX Runtime on a CPU, PyTorch on a GPU), torch or onnx."
+    ),
+    amp: bool = typer.Option(
+        False,
+        "--amp",
+        help="bf16/fp16 autocast: faster where the hardware has it; "
+        "changes a few borderline predictions (benchmarks/RESULTS.md).",
+    ),
 ) -> None:
     """Classify scans: class, its probability and all four probabilities for each image.
 
@@ -211,8 +240,11 @@ def predict(
     import csv
     import json
 
+    from tqdm import tqdm
+
     from .inputs import expand_inputs
-    from .predict import load_model, summarize_volume, volume_object
+    from .predict import load_model
+    from .results import VolumeCollector
 
     _setup_logging()
     try:
@@ -222,73 +254,105 @@ def predict(
         _fail(str(exc))
     if not files:
         _fail("no scan files found in " + ", ".join(paths))
-    writer, handle = None, None
-    if csv_file is not None:
-        try:
-            handle = open(csv_file, "w", newline="")
-        except OSError as exc:
-            _fail(f"{csv_file}: cannot write CSV ({exc.strerror})")
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *classifier.class_names, "uncertain", "not_brain_mri", "outside_validated_range", "error"])
-    failures, first = 0, True
-    volumes: dict[str, list] = {}
-    if json_output:
-        typer.echo("[", nl=False)
-    else:
-        typer.echo(f"{'label':<11}{'conf':>7}  " + "".join(f"{n[:10]:>11}" for n in classifier.class_names) + "  path")
-    for result in classifier.predict_iter(files, batch_size=batch_size, progress=len(files) > 5 and not json_output):
-        failures += result.error is not None
-        if result.volume:
-            volumes.setdefault(result.path.split("#")[0], []).append(result)
-        if writer is not None:
-            probabilities = [f"{result.probabilities[n]:.6f}" if result.probabilities else "" for n in classifier.class_names]
-            confidence = f"{result.confidence:.6f}" if result.confidence is not None else ""
-            flags = [_csv_flag(result.uncertain), _csv_flag(result.not_brain_mri), _csv_flag(result.outside_validated_range)]
-            writer.writerow([result.path, result.label or "", confidence, *probabilities, *flags, result.error or ""])
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if csv_file is not None:
+            writer = csv.writer(stack.enter_context(_open_csv(csv_file)))
+            flag_names = ["uncertain", "not_brain_mri", "outside_validated_range"]
+            writer.writerow(["path", "label", "confidence", *classifier.class_names, *flag_names, "error"])
+        failures, first = 0, True
+        volumes = VolumeCollector()
+        # A progress bar only where a person watches both streams; results are written through
+        # tqdm.write, which clears the bar first, so the two never share a line.
+        progress = len(files) > 5 and not json_output and sys.stdout.isatty() and sys.stderr.isatty()
+        echo = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else typer.echo
         if json_output:
-            typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
-            first = False
-        elif result.error is not None:
-            typer.echo(f"error: {result.error}", err=True)
+            typer.echo("[", nl=False)
         else:
-            row = "".join(f"{result.probabilities[n]:>11.4f}" for n in classifier.class_names)
-            flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
-            if result.not_brain_mri_reason:
-                flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
-            if result.outside_validated_range_reason:
-                flag += f"  OUTSIDE THE VALIDATED RANGE: {result.outside_validated_range_reason}"
-            typer.echo(f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}")
-    for path, slices in volumes.items():
+            columns = "".join(f"{n[:10]:>11}" for n in classifier.class_names)
+            typer.echo(f"{'label':<11}{'conf':>7}  {columns}  path")
+        for result in classifier.predict_iter(files, batch_size=batch_size, progress=progress):
+            failures += result.error is not None
+            volumes.add(result)
+            if writer is not None:
+                writer.writerow(_csv_row(result, classifier.class_names))
+            if json_output:
+                typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
+                first = False
+            elif result.error is not None:
+                typer.echo(f"error: {result.error}", err=True)
+            else:
+                echo(_prediction_line(result, classifier.class_names))
+        _echo_volumes(volumes, json_output, first)
         if json_output:
-            typer.echo(("" if first else ",") + "\n" + json.dumps(volume_object(slices)), nl=False)
-            first = False
-        else:
-            summary = summarize_volume(slices)
-            parts = [f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()]
-            typer.echo(f"volume {path}: {summary['label']} - " + "; ".join(parts))
-    if json_output:
-        typer.echo("\n]")
-    if handle is not None:
-        handle.close()
+            typer.echo("\n]")
     if failures:
         typer.echo(f"{failures} input(s) could not be classified", err=True)
         raise typer.Exit(1)
+
+
+def _open_csv(csv_file: Path) -> TextIO:
+    """``csv_file`` opened for ``predict``'s CSV rows; a usage error when it cannot be."""
+    try:
+        return open(csv_file, "w", newline="")
+    except OSError as exc:
+        _fail(f"{csv_file}: cannot write CSV ({exc.strerror})")
+
+
+def _csv_row(result: Prediction, class_names: list[str]) -> list[str]:
+    """One prediction as a row of ``predict``'s CSV columns."""
+    probabilities = [f"{result.probabilities[n]:.6f}" if result.probabilities else "" for n in class_names]
+    confidence = f"{result.confidence:.6f}" if result.confidence is not None else ""
+    flags = [_csv_flag(result.uncertain), _csv_flag(result.not_brain_mri), _csv_flag(result.outside_validated_range)]
+    return [result.path, result.label or "", confidence, *probabilities, *flags, result.error or ""]
+
+
+def _prediction_line(result: Prediction, class_names: list[str]) -> str:
+    """One classified input as a line of ``predict``'s table, with any flags after the path."""
+    row = "".join(f"{result.probabilities[n]:>11.4f}" for n in class_names)
+    flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
+    if result.not_brain_mri_reason:
+        flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
+    if result.outside_validated_range_reason:
+        flag += f"  OUTSIDE THE VALIDATED RANGE: {result.outside_validated_range_reason}"
+    return f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}"
+
+
+def _echo_volumes(volumes: VolumeCollector, json_output: bool, first: bool) -> None:
+    """Each volume's summary after all slices: an object of ``predict``'s JSON array (``first``: no
+    object before it) or a line of text."""
+    import json
+
+    if json_output:
+        for volume in volumes.objects():
+            typer.echo(("" if first else ",") + "\n" + json.dumps(volume), nl=False)
+            first = False
+        return
+    for summary in volumes.summaries():
+        parts = [
+            f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()
+        ]
+        typer.echo(f"volume {summary['path']}: {summary['label']} - " + "; ".join(parts))
 
 
 @app.command()
 def explain(
     paths: list[str] = typer.Argument(..., help="Files, folders or globs to explain."),
     out: Path = typer.Option(..., help="Folder for one PNG per scan (scan, heat map, prediction)."),
-    method: Optional[str] = typer.Option(None, help="gradcam, gradcam++, eigencam or layercam (default: layercam, see docs/explanations.md)."),
+    method: Optional[str] = typer.Option(
+        None, help="gradcam, gradcam++, eigencam or layercam (default: layercam, see docs/explanations.md)."
+    ),
     target: Optional[str] = typer.Option(None, help="Class to explain (default: the predicted class)."),
-    layer: Optional[str] = typer.Option(None, help="Layer to read (default: the documented best, see docs/explanations.md)."),
+    layer: Optional[str] = typer.Option(
+        None, help="Layer to read (default: the documented best, see docs/explanations.md)."
+    ),
     weights: Optional[Path] = typer.Option(None, help="Weights file (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Grad-CAM heat maps: one PNG per scan with the heat map over it and the predicted class."""
     from .explain import METHODS
     from .inputs import expand_inputs
-    from .predict import DEFAULT_CAM_LAYER, DEFAULT_CAM_METHOD, load_model
+    from .predict import DEFAULT_CAM_METHOD, load_model
 
     _setup_logging()
     method = method or DEFAULT_CAM_METHOD
@@ -298,7 +362,7 @@ def explain(
         files = expand_inputs(paths)
         classifier = load_model(weights, device=device)
         out.mkdir(parents=True, exist_ok=True)
-        explanations = classifier.explain_iter(files, method=method, target=target, layer=layer or DEFAULT_CAM_LAYER)
+        explanations = classifier.explain_iter(files, method=method, target=target, layer=layer)
         failures, used = 0, set()
         for explanation in explanations:
             prediction = explanation.prediction
@@ -353,7 +417,9 @@ def audit(
     typer.echo(f"near (<= {threshold} bits): {near['groups_with_2_or_more']} groups ({near['files_in_groups']} files), "
                f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
                f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels")
-    typer.echo(f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}")
+    typer.echo(
+        f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}"
+    )
     if shortcuts:
         _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
 
@@ -389,14 +455,22 @@ def _check_can_listen(host: str, port: int) -> None:
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-    weights: Optional[Path] = typer.Option(None, help="Weights file: .safetensors (default: the shipped model) or .onnx."),
-    backend: Optional[str] = typer.Option(None, help="torch or onnx; default: onnx for an .onnx file, else torch."),
+    weights: Optional[Path] = typer.Option(
+        None, help="Weights file: .safetensors (default: the shipped model) or .onnx."
+    ),
+    backend: Optional[str] = typer.Option(
+        None, help="auto (default: ONNX Runtime on a CPU, PyTorch on a GPU), torch or onnx."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda (torch backend)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation for every prediction."),
-    amp: bool = typer.Option(False, "--amp", help="bf16/fp16 autocast (torch backend): faster, changes a few borderline predictions."),
+    amp: bool = typer.Option(
+        False, "--amp", help="bf16/fp16 autocast (torch backend): faster, changes a few borderline predictions."
+    ),
     max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, min=1, help="Most files in one request."),
-    workers: int = typer.Option(1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."),
+    workers: int = typer.Option(
+        1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."
+    ),
 ) -> None:
     """HTTP service and web page: /, /docs, /healthz, /v1/model, /v1/predict, /v1/explain."""
     from .predict import load_model
@@ -425,16 +499,21 @@ def export(
     weights: Optional[Path] = typer.Option(None, help="Weights file to export (default: the shipped model)."),
 ) -> None:
     """Export the model for deployment: ONNX with a dynamic batch, metadata and OOD guard inside."""
-    from .onnx_backend import export_onnx
+    from .network import load_torch_network
+    from .onnx_backend import export_onnx, source_of
+    from .predict import default_weights_path
 
     _setup_logging()
     if format != "onnx":
         _fail(f"format {format!r} is not supported; the only format is onnx")
     try:
-        written = export_onnx(weights, out)
+        path = weights or default_weights_path()
+        written = export_onnx(load_torch_network(path, device="cpu"), out, source_of(path))
     except BraintumorError as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB); run it with --backend onnx --weights {written}")
+    typer.echo(
+        f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB); run it with --backend onnx --weights {written}"
+    )
 
 
 def _csv_flag(value: bool | None) -> str:

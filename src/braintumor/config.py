@@ -35,7 +35,8 @@ class TrainConfig:
     last epoch's weights are then the run's weights.
 
     ``standardise`` says how input intensities are scaled and ``smoothing`` how much every input is
-    blurred first (``transforms.Preprocessing``; both stored with the weights), ``augment_policy`` which augmentation (``transforms.AUGMENT_POLICIES``).
+    blurred first (``transforms.Preprocessing``; both stored with the weights), ``augment_policy``
+    which augmentation (``transforms.AUGMENT_POLICIES``).
     ``probe_epochs`` > 0 starts with that many linear-probe epochs (features frozen, head trained
     at ``probe_lr``) before fine-tuning everything at ``lr``: a head trained first does not send
     large random gradients into the pretrained features, which keeps more of what transfers.
@@ -92,7 +93,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(0.0 <= config.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
     _check(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0: off), got {config.ema_decay}")
     _check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
-    _check(config.lr_schedule in LR_SCHEDULES, f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _check(
+        config.lr_schedule in LR_SCHEDULES,
+        f"lr_schedule {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}",
+    )
     _check(
         config.standardise in STANDARDISATIONS,
         f"standardise {config.standardise!r} is not one of {', '.join(STANDARDISATIONS)}",
@@ -101,12 +105,21 @@ def validate(config: TrainConfig) -> TrainConfig:
         config.augment_policy in AUGMENT_POLICIES,
         f"augment_policy {config.augment_policy!r} is not one of {', '.join(AUGMENT_POLICIES)}",
     )
-    _check(0.0 <= config.smoothing <= 4.0, f"smoothing must be a Gaussian sigma in [0, 4] pixels (0: off), got {config.smoothing}")
+    _check(
+        0.0 <= config.smoothing <= 4.0,
+        f"smoothing must be a Gaussian sigma in [0, 4] pixels (0: off), got {config.smoothing}",
+    )
     _check(0 <= config.probe_epochs < config.epochs, f"probe_epochs must be in [0, epochs), got {config.probe_epochs}")
     _check(config.probe_lr > 0, f"probe_lr must be positive, got {config.probe_lr}")
     _check(config.device in DEVICES, f"device {config.device!r} is not one of {', '.join(DEVICES)}")
-    _check(config.image_size >= 32 and config.image_size % 32 == 0, f"image_size must be a multiple of 32 >= 32, got {config.image_size}")
-    _check(0.0 <= config.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {config.val_fraction} (0: no validation)")
+    _check(
+        config.image_size >= 32 and config.image_size % 32 == 0,
+        f"image_size must be a multiple of 32 >= 32, got {config.image_size}",
+    )
+    _check(
+        0.0 <= config.val_fraction < 0.5,
+        f"val_fraction must be in [0, 0.5), got {config.val_fraction} (0: no validation)",
+    )
     _check(0 <= config.near_threshold <= 32, f"near_threshold must be in [0, 32] bits, got {config.near_threshold}")
     _check(config.workers >= 1, f"workers must be at least 1, got {config.workers}")
     _check(
@@ -114,6 +127,32 @@ def validate(config: TrainConfig) -> TrainConfig:
         f"init {config.init!r} is not one of {', '.join(INITS)} or an existing weights file",
     )
     return config
+
+
+def _read_yaml(yaml_file: Path) -> dict[str, Any]:
+    """The mapping of settings in ``yaml_file`` (an empty file: none)."""
+    try:
+        loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{yaml_file}: cannot read config ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{yaml_file}: expected a mapping of settings")
+    return loaded
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    """Integer settings are ints (not bools), numeric settings are numbers."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers", "probe_epochs"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+            raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
+    numbers = (
+        "lr", "probe_lr", "smoothing", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth",
+        "val_fraction",
+    )
+    for key in numbers:
+        if key in values and not isinstance(values[key], (int, float)):
+            raise ConfigError(f"{key} must be a number, got {values[key]!r}")
 
 
 def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConfig:
@@ -125,13 +164,7 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
     values: dict[str, Any] = {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if yaml_file is not None:
-        try:
-            loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{yaml_file}: cannot read config ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_file}: expected a mapping of settings")
-        values.update(loaded)
+        values.update(_read_yaml(yaml_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - known)
     if unknown:
@@ -142,11 +175,5 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
     for key in ("data", "out", "cache_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers", "probe_epochs"):
-        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
-            raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
-    for key in ("lr", "probe_lr", "smoothing", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth", "val_fraction"):
-        if key in values and not isinstance(values[key], (int, float)):
-            raise ConfigError(f"{key} must be a number, got {values[key]!r}")
+    _check_types(values)
     return validate(TrainConfig(**values))

@@ -107,7 +107,9 @@ def convert_batch_norm(module: nn.Module) -> nn.Module:
     """Swap every ``nn.BatchNorm2d`` in ``module`` for ``GlobalBatchNorm2d``, keeping its state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            replacement = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement.to(child.running_mean.device if child.running_mean is not None else None))
         else:

@@ -30,7 +30,10 @@ def _downsample(pixels: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     return np.stack(
-        [np.asarray(Image.fromarray(p).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), np.float32) for p in pixels]
+        [
+            np.asarray(Image.fromarray(p).resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), np.float32)
+            for p in pixels
+        ]
     )
 
 
@@ -80,14 +83,16 @@ def near_pairs(
     pairs: list[tuple[int, int, int]] = []
     for start in range(0, len(hashes), chunk):
         stop = min(start + chunk, len(hashes))
-        distance = np.minimum(hamming_to_all(hashes[start:stop], target_hashes), hamming_to_all(mirrored[start:stop], target_hashes))
+        distance = np.minimum(
+            hamming_to_all(hashes[start:stop], target_hashes), hamming_to_all(mirrored[start:stop], target_hashes)
+        )
         distance = np.minimum(distance, hamming_to_all(hashes[start:stop], target_mirrored))
         rows, cols = np.nonzero(distance <= threshold)
         rows += start
         if other is None:
             keep = cols > rows
             rows, cols = rows[keep], cols[keep]
-        pairs.extend(zip(rows.tolist(), cols.tolist(), distance[rows - start, cols].tolist()))
+        pairs.extend(zip(rows.tolist(), cols.tolist(), distance[rows - start, cols].tolist(), strict=True))
     return pairs
 
 

@@ -1,4 +1,4 @@
-"""The two loops: one training epoch over in-memory pixels, and batched inference. No file I/O.
+"""The loops: one training epoch over in-memory pixels, evaluation, and batched inference. No file I/O.
 
 Both take decoded uint8 pixels already in memory (see ``cache``), so the loops do no decoding,
 and both keep the model in channels_last with bf16/fp16 autocast when the hardware has it:
@@ -8,9 +8,7 @@ that doubles CPU training speed on CPUs with AVX-512 BF16 and is the standard fa
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,88 +16,49 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from .network import predict_logits_and_features
+from .runtime import Runtime
 from .transforms import AugmentConfig, Preprocessing, augment
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how the network runs: device, autocast dtype (None = fp32), memory layout."""
+@dataclass
+class TrainingStep:
+    """What one optimisation step needs, fixed for a whole run (``training.fit`` builds it).
 
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool = True
+    ``model`` is what runs forward and backward (a DistributedDataParallel wrapper under
+    torchrun). Distributed (``world_size`` > 1): every process draws the same order and the same
+    augmentation for the whole global batch of ``batch_size`` images, then trains on its own slice
+    of ``batch_size // world_size``; with the gradients averaged across processes, a step sees the
+    same images as a single process with the same global batch. ``ema``, when given, is updated
+    from ``model`` after every optimizer step.
+    """
 
-    def autocast(self) -> AbstractContextManager:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX).
-
-    oneDNN also "supports" bf16 on any AVX-512 CPU by converting to fp32 and back, which makes a
-    training step about 1.8x slower than fp32 on a Xeon without AVX-512 BF16 (3.61 s against
-    1.96 s for a batch of 32, ``python benchmarks/train_step.py``), so the CPU's own flags decide
-    where Linux lists them."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
-    if flags:
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def select_runtime(device: str = "auto", amp: bool = True) -> Runtime:
-    """CUDA with fp16/bf16 autocast when available, else the CPU with bf16 autocast if supported."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if not amp:
-        return Runtime(dev, None)
-    if dev.type == "cuda":
-        return Runtime(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return Runtime(dev, torch.bfloat16 if cpu_supports_bf16() else None)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
+    generator: torch.Generator
+    batch_size: int
+    augmentation: AugmentConfig | None = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    scaler: torch.amp.GradScaler | None = None
+    label_smoothing: float = 0.0
+    ema: AveragedModel | None = None
+    rank: int = 0
+    world_size: int = 1
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step: TrainingStep,
     pixels: torch.Tensor,
     labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    runtime: Runtime,
-    batch_size: int,
-    generator: torch.Generator,
-    augmentation: AugmentConfig | None,
-    scaler: torch.amp.GradScaler | None = None,
-    progress: bool = True,
     description: str = "train",
-    label_smoothing: float = 0.0,
-    rank: int = 0,
-    world_size: int = 1,
-    ema: AveragedModel | None = None,
-    preprocessing: Preprocessing = Preprocessing(),
+    progress: bool = True,
     frozen_features: bool = False,
 ) -> dict[str, float]:
     """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
-    dropped so batch norm never sees a batch of one.
-
-    Distributed (``world_size`` > 1): every process draws the same order and the same augmentation
-    for the whole global batch of ``batch_size`` images, then trains on its own slice of
-    ``batch_size // world_size``; with DistributedDataParallel averaging the gradients, a step sees
-    the same images as a single process with the same global batch. The returned figures are this
-    process's share (``training.fit`` sums them over processes).
-
-    ``ema``, when given, is updated from ``model`` after every optimizer step.
+    dropped so batch norm never sees a batch of one. The figures returned are this process's share
+    (``training.fit`` sums them over processes).
 
     ``frozen_features``: a linear-probe epoch. The feature extractor stays in eval mode (its
     batch-norm statistics do not move) and only parameters that require gradients change; the
@@ -108,44 +67,30 @@ def train_one_epoch(
     Returns:
         Mean loss, accuracy, images seen, wall seconds and images per second.
     """
+    model, runtime = step.model, step.runtime
     model.train()
     if frozen_features:
         _network(model).features.eval()
-    order = torch.randperm(len(pixels), generator=generator)
-    n_batches = len(order) // batch_size
-    local = batch_size // world_size
+    order = torch.randperm(len(pixels), generator=step.generator)
+    n_batches = len(order) // step.batch_size
+    local = step.batch_size // step.world_size
+    mine = slice(step.rank * local, (step.rank + 1) * local)
     # Running sums stay on the device: reading them every step would stall a GPU.
     total_loss = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     seen = 0
     started = time.perf_counter()
     bar = tqdm(range(n_batches), desc=description, unit="batch", disable=not progress, leave=False)
-    for step in bar:
-        index = order[step * batch_size : (step + 1) * batch_size]
+    for number in bar:
+        index = order[number * step.batch_size : (number + 1) * step.batch_size]
         batch = pixels[index.to(pixels.device)].to(runtime.device, non_blocking=True)
         batch_labels = labels[index.to(labels.device)].to(runtime.device, non_blocking=True)
-        floats = augment(batch, augmentation, generator, batch_labels) if augmentation else batch
-        mine = slice(rank * local, (rank + 1) * local)
-        inputs = runtime.to_input(preprocessing(floats[mine]))
-        targets = batch_labels[mine]
-        with runtime.autocast():
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        total_loss += loss.detach() * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
-        if progress and (step % 10 == 9 or step == n_batches - 1):
+        floats = augment(batch, step.augmentation, step.generator, batch_labels) if step.augmentation else batch
+        logits, loss = _optimise(step, runtime.to_input(step.preprocessing(floats[mine])), batch_labels[mine])
+        total_loss += loss.detach() * len(logits)
+        correct += (logits.argmax(1) == batch_labels[mine]).sum()
+        seen += len(logits)
+        if progress and (number % 10 == 9 or number == n_batches - 1):
             bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.4f}")
     seconds = time.perf_counter() - started
     return {
@@ -157,36 +102,44 @@ def train_one_epoch(
     }
 
 
-@torch.inference_mode()
-def predict_logits_and_features(
+def _optimise(step: TrainingStep, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, backward and optimizer step; returns (logits, loss)."""
+    with step.runtime.autocast():
+        logits = step.model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=step.label_smoothing)
+    step.optimizer.zero_grad(set_to_none=True)
+    if step.scaler is not None:
+        step.scaler.scale(loss).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+    else:
+        loss.backward()
+        step.optimizer.step()
+    step.scheduler.step()
+    if step.ema is not None:
+        step.ema.update_parameters(step.model)
+    return logits, loss
+
+
+def evaluate(
     model: nn.Module,
     pixels: torch.Tensor,
+    labels: torch.Tensor,
     runtime: Runtime,
+    preprocessing: Preprocessing,
+    class_names: list[str],
     batch_size: int = 64,
-    progress: bool = False,
-    preprocessing: Preprocessing = Preprocessing(),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, C) and pooled features (N, 1280) of a torchvision EfficientNet, float32 on the CPU.
-    The features cost nothing extra: they are the classifier's input. ``preprocessing`` must be the
-    weights' own (``Preprocessing.from_metadata``)."""
-    model.eval()
-    logits, features = [], []
-    for start in tqdm(range(0, len(pixels), batch_size), desc="predict", unit="batch", disable=not progress, leave=False):
-        batch = runtime.to_input(preprocessing(pixels[start : start + batch_size].to(runtime.device)))
-        with runtime.autocast():
-            pooled = torch.flatten(model.avgpool(model.features(batch)), 1)
-            logits.append(model.classifier(pooled).float().cpu())
-        features.append(pooled.float().cpu())
-    if not logits:
-        return torch.empty(0, 0), torch.empty(0, 0)
-    return torch.cat(logits), torch.cat(features)
+) -> dict[str, float]:
+    """Loss, accuracy and weighted F1 of ``model`` on (N, H, W) uint8 ``pixels`` (eval mode)."""
+    from .metrics import classification_report
 
-
-def predict_logits(
-    model: nn.Module, pixels: torch.Tensor, runtime: Runtime, batch_size: int = 64, preprocessing: Preprocessing = Preprocessing()
-) -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU for (N, H, W) uint8 pixels, in eval mode."""
-    return predict_logits_and_features(model, pixels, runtime, batch_size, preprocessing=preprocessing)[0]
+    logits = predict_logits_and_features(model, pixels, runtime, batch_size, preprocessing=preprocessing)[0]
+    report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), class_names, bootstrap=0)
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": report["accuracy"],
+        "weighted_f1": report["weighted_f1"],
+    }
 
 
 def _network(model: nn.Module) -> nn.Module:

@@ -19,5 +19,9 @@ class InvalidImageError(BraintumorError):
     """One image file cannot be decoded; callers usually report it and go on."""
 
 
+class UnsupportedFileType(InvalidImageError):
+    """The bytes are of no type braintumor reads (not an image, DICOM or NIfTI file)."""
+
+
 class CheckpointError(BraintumorError):
     """A weights or checkpoint file is missing, corrupt or for another model."""

@@ -52,7 +52,10 @@ def evaluate(
     report["answers"] = answer_summary(assessment, labels, classifier.uncertainty_threshold)
     if rejected is not None:
         # Metrics above score the tumour class regardless; this counts real scans the guard would refuse.
-        report["rejected_as_not_brain_mri"] = {"n": int(rejected.sum()), "rate": float(rejected.mean()) if len(rejected) else 0.0}
+        report["rejected_as_not_brain_mri"] = {
+            "n": int(rejected.sum()),
+            "rate": float(rejected.mean()) if len(rejected) else 0.0,
+        }
     if classifier.uncertainty_threshold is not None:
         report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
     if leak_free and is_kaggle_layout(data):
@@ -60,14 +63,22 @@ def evaluate(
 
         kept_paths = [samples[i].path for i in keep]
         clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
-        report["leak_free"] = classification_report(labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap)
-        report["leak_free"]["definition"] = "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
+        report["leak_free"] = classification_report(
+            labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap
+        )
+        report["leak_free"]["definition"] = (
+            "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
+        )
         if classifier.uncertainty_threshold is not None:
-            report["leak_free"]["uncertainty"] = uncertainty_summary(probabilities[clean], labels[clean], classifier.uncertainty_threshold)
+            report["leak_free"]["uncertainty"] = uncertainty_summary(
+                probabilities[clean], labels[clean], classifier.uncertainty_threshold
+            )
     report.update({
         "data": str(split_dir),
         "split": "Testing" if is_kaggle_layout(data) else "all",
-        "weights": "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path),
+        "weights": (
+            "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path)
+        ),
         "tta": classifier.tta,
         "n_skipped": len(decoded.errors),
         "skipped": decoded.errors,
@@ -117,7 +128,9 @@ def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float 
         "silent_wrong": share(silent),
         "silent_wrong_ignoring_range": share(wrong & answered),
         "accuracy_of_unflagged": float((~wrong[answered & ~outside]).mean()) if (answered & ~outside).any() else None,
-        "definition": "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range",
+        "definition": (
+            "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range"
+        ),
     }
 
 
@@ -149,8 +162,9 @@ def write_outputs(
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", "confidence", *class_names])
-        for path, label, row in zip(paths, labels, probabilities):
-            writer.writerow([path, class_names[label], class_names[int(row.argmax())], f"{row.max():.6f}", *(f"{p:.6f}" for p in row)])
+        for path, label, row in zip(paths, labels, probabilities, strict=True):
+            predicted = class_names[int(row.argmax())]
+            writer.writerow([path, class_names[label], predicted, f"{row.max():.6f}", *(f"{p:.6f}" for p in row)])
     title = f"{report['split']} split: accuracy {report['accuracy']:.4f} (n={report['n_images']})"
     plot_confusion_matrix(report["confusion_matrix"], report["labels"], out_dir / "confusion_matrix.png", title)
     plot_per_class(report["per_class"], out_dir / "per_class.png")
@@ -236,7 +250,9 @@ def _weights_name(classifier: Classifier) -> str:
     return "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path)
 
 
-def _shift_entry(labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier) -> dict[str, Any]:
+def _shift_entry(
+    labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier
+) -> dict[str, Any]:
     """The figures of one shift: accuracy, F1, per-class recall, flips against ``reference``,
     rejections and flags (``answer_summary``)."""
     probabilities, rejected = assessment.probabilities, assessment.rejected

@@ -6,6 +6,7 @@ long loop neither leaks memory nor slows down.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -48,27 +49,42 @@ class HeatmapRequest:
     target: int | None = None
 
 
+@dataclass
+class CamResult:
+    """Heat maps (N, S, S) float32 in [0, 1], with the logits (N, C) and pooled features (N, F) of
+    the same forward pass (float32, CPU), so an explanation needs no second pass to be scored."""
+
+    heatmaps: np.ndarray
+    logits: torch.Tensor
+    features: torch.Tensor
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits (no temperature): (N, C)."""
+        return torch.softmax(self.logits, 1).numpy()
+
+
 def compute_heatmaps(
     model: nn.Module, pixels: np.ndarray, request: HeatmapRequest, preprocessing: Preprocessing = Preprocessing()
-) -> tuple[np.ndarray, np.ndarray]:
-    """CAMs for (N, S, S) uint8 model-size pixels, fed through the weights' ``preprocessing``.
-
-    Returns:
-        (heatmaps (N, S, S) float32 in [0, 1], probabilities (N, C)), computed in fp32 on the
-        model's device.
-    """
+) -> CamResult:
+    """CAMs for (N, S, S) uint8 model-size pixels, fed through the weights' ``preprocessing``, in
+    one forward and one backward pass (fp32, on the model's device). The explained class is
+    ``request.target``, else each image's predicted class."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     device = next(model.parameters()).device
     inputs = preprocessing(torch.as_tensor(pixels).to(device)).contiguous(memory_format=torch.channels_last)
     model.eval()
-    with torch.no_grad():
-        probabilities = torch.softmax(model(inputs).float(), 1).cpu().numpy()
-    classes = probabilities.argmax(1) if request.target is None else np.full(len(pixels), request.target)
-    targets = [ClassifierOutputTarget(int(c)) for c in classes]
-    with _cam_class(request.method)(model=model, target_layers=[resolve_layer(model, request.layer)]) as cam:
-        heatmaps = cam(input_tensor=inputs, targets=targets)
-    return heatmaps.astype(np.float32), probabilities
+    targets = None if request.target is None else [ClassifierOutputTarget(request.target)] * len(pixels)
+    pooled: list[torch.Tensor] = []
+    hook = model.avgpool.register_forward_hook(lambda module, args, output: pooled.append(output.detach()))
+    try:
+        with _cam_class(request.method)(model=model, target_layers=[resolve_layer(model, request.layer)]) as cam:
+            heatmaps = cam(input_tensor=inputs, targets=targets)
+            logits = cam.outputs.detach().float().cpu()
+    finally:
+        hook.remove()
+    return CamResult(heatmaps.astype(np.float32), logits, torch.flatten(pooled[0], 1).float().cpu())
 
 
 def resize_heatmap(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -86,12 +102,24 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
     return ((1 - alpha) * scan + alpha * colours).clip(0, 1).__mul__(255).round().astype(np.uint8)
 
 
-def save_figure(grey: np.ndarray, heatmap: np.ndarray, title: str, path: Path | BinaryIO) -> None:
-    """PNG: the scan beside the heat-map overlay, with the prediction as title, to a file or a
-    binary stream (the HTTP service answers with it)."""
+def _shortened(text: str, limit: int = 56) -> str:
+    """``text`` cut in the middle with an ellipsis when longer than ``limit`` characters, so a long
+    file name still shows its start and its end in a figure title."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 1) // 2
+    return text[:keep] + "\u2026" + text[-(limit - 1 - keep):]
+
+
+def save_figure(
+    grey: np.ndarray, heatmap: np.ndarray, title: str, name: str, detail: str, path: Path | BinaryIO
+) -> None:
+    """PNG: the scan beside the heat-map overlay, titled with the prediction, the file ``name``
+    (shortened to fit) and the ``detail`` (method, layer), to a file or a binary stream."""
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice is no result
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4.4))
@@ -101,7 +129,7 @@ def save_figure(grey: np.ndarray, heatmap: np.ndarray, title: str, path: Path | 
     right.set_title("heat map")
     for axis in (left, right):
         axis.axis("off")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(f"{title}\n{_shortened(name)}  [{detail}]", fontsize=11)
     fig.tight_layout()
     if isinstance(path, Path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def _decode(source: str | Path | bytes, name: str | None, colour: bool) -> tuple
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise InvalidImageError(
-                        f"{label}: {width}x{height} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,} (decompression bomb?)"
+                        f"{label}: {width}x{height} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,} "
+                        "(decompression bomb?)"
                     )
                 image.load()
                 return _to_uint8_grey(image), _image_colour_share(image) if colour else 0.0

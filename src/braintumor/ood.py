@@ -103,7 +103,8 @@ class OODGuard:
 def outside_range_reason(score: float, range_threshold: float) -> str:
     """The words shown with ``outside_validated_range``."""
     return (
-        f"an MRI slice unlike the scans the model was validated on (feature distance {score:.3f} > {range_threshold:.3f}): "
+        "an MRI slice unlike the scans the model was validated on "
+        f"(feature distance {score:.3f} > {range_threshold:.3f}): "
         "another scanner, sequence, plane or hospital? Its accuracy is not known"
     )
 

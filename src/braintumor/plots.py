@@ -72,7 +72,7 @@ def contact_sheet(pairs: list[tuple[Path, Path, str]], path: Path, thumb: int = 
     from PIL import Image
 
     fig, axes = plt.subplots(len(pairs), 1, figsize=(4.6, 2.4 * len(pairs)), squeeze=False)
-    for axis, (left, right, caption) in zip(axes[:, 0], pairs):
+    for axis, (left, right, caption) in zip(axes[:, 0], pairs, strict=True):
         tiles = [np.asarray(Image.open(p).convert("L").resize((thumb, thumb))) for p in (left, right)]
         axis.imshow(np.hstack([tiles[0], np.full((thumb, 6), 255, np.uint8), tiles[1]]), cmap="gray", vmin=0, vmax=255)
         axis.set_title(caption, fontsize=7)
@@ -96,9 +96,15 @@ def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, bi
     fig, ax = plt.subplots(figsize=(5, 4.6))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.plot(centres, accuracies, "o-", label="model")
-    for x, y, n in zip(centres, accuracies, counts):
+    for x, y, n in zip(centres, accuracies, counts, strict=True):
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center")
-    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (numbers: images per bin)", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        title="Reliability (numbers: images per bin)",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
@@ -114,7 +120,7 @@ def plot_shifts(baseline: float, shifts: dict[str, dict[str, Any]], path: Path, 
     colours = ["tab:red" if a < baseline - 0.05 else "tab:blue" for a in accuracies]
     bars = ax.bar(range(len(names)), accuracies, color=colours)
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1)
-    for bar, name in zip(bars, names):
+    for bar, name in zip(bars, names, strict=True):
         text = f"{shifts[name]['accuracy']:.3f}\nflip {shifts[name]['flip_rate']:.1%}"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), textcoords="offset points",
                     xytext=(0, 2), ha="center", va="bottom", fontsize=7,
@@ -136,7 +142,7 @@ def plot_shift_examples(images: dict[str, np.ndarray], path: Path, title: str = 
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.55 * rows + 0.3), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
-    for axis, (caption, pixels) in zip(axes.ravel(), images.items()):
+    for axis, (caption, pixels) in zip(axes.ravel(), images.items(), strict=False):
         axis.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         axis.set_title(caption, fontsize=9)
     if title:

@@ -128,7 +128,7 @@ def noise(images: np.ndarray, labels: np.ndarray, seed: int, indices: np.ndarray
     magnitude MR image has it: |x + n1 + i n2| with n1, n2 ~ N(0, 8), so the background gets a
     positive noise floor (mean about 10) instead of half its noise clipped away."""
     out = np.empty_like(images)
-    for k, (image, i) in enumerate(zip(images, indices)):
+    for k, (image, i) in enumerate(zip(images, indices, strict=True)):
         real, imaginary = _rng(seed, "noise", i).normal(0.0, 8.0, (2, *image.shape)).astype(np.float32)
         magnitude = np.hypot(image.astype(np.float32) + real, imaginary)
         out[k] = np.clip(np.round(magnitude), 0, 255).astype(np.uint8)
@@ -174,7 +174,7 @@ def bias_field(images: np.ndarray, labels: np.ndarray, seed: int, indices: np.nd
     terms = np.stack([x**i * y**j for i in range(4) for j in range(4 - i) if i + j > 0])  # (9, H, W)
     low, high = np.log(0.7), np.log(1.4)
     out = np.empty_like(images)
-    for k, (image, i) in enumerate(zip(images, indices)):
+    for k, (image, i) in enumerate(zip(images, indices, strict=True)):
         poly = np.tensordot(_rng(seed, "bias_field", i).uniform(-1, 1, len(terms)), terms, axes=1)
         span = poly.max() - poly.min()
         log_field = low + (poly - poly.min()) / span * (high - low) if span > 0 else np.zeros_like(poly)

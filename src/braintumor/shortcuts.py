@@ -278,7 +278,7 @@ class CueTable:
     def subset(self, mask: np.ndarray) -> CueTable:
         """The rows where ``mask`` is true."""
         return CueTable({k: v[mask] for k, v in self.cues.items()}, self.labels[mask],
-                        [p for p, m in zip(self.paths, mask) if m])
+                        [p for p, m in zip(self.paths, mask, strict=True) if m])
 
 
 def cue_table(samples: Sequence[Sample], size: int = 224, progress: bool = False) -> CueTable:
@@ -461,7 +461,7 @@ def plot_cue_distributions(tables: dict[str, CueTable], path: Path) -> None:
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     fig, axes = plt.subplots(3, 4, figsize=(18, 11))
     set_names = list(tables)
-    for axis, cue in zip(axes.ravel(), PLOT_CUES):
+    for axis, cue in zip(axes.ravel(), PLOT_CUES, strict=True):
         positions, ticks, tick_labels = 0.0, [], []
         for label, class_name in enumerate(CLASS_NAMES):
             start = positions

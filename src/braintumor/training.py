@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -41,11 +40,11 @@ from .constants import CLASS_NAMES
 from .data import fingerprint, group_split, load_split, resolve_split_dir
 from .distributed import convert_batch_norm, init_distributed
 from .duplicates import group_near_duplicates
-from .engine import Runtime, predict_logits, select_runtime, train_one_epoch
+from .engine import TrainingStep, evaluate, train_one_epoch
 from .errors import ConfigError
-from .metrics import classification_report
 from .models import create_model
 from .plots import plot_learning_curves
+from .runtime import Runtime, select_runtime
 from .transforms import AUGMENT_POLICIES, Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -93,7 +92,9 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> TrainingData:
     )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Constant learning rate (the original recipe) or per-step cosine decay to zero; the
     linear-probe epochs, if any, come first at ``probe_lr`` and the schedule starts after them."""
     probe = config.probe_epochs * steps_per_epoch
@@ -116,14 +117,9 @@ def validate_epoch(
     if len(data.val_index) == 0:
         return {"loss": None, "accuracy": None, "weighted_f1": None}
     index = torch.from_numpy(data.val_index)
-    logits = predict_logits(model, data.pixels[index], runtime, max(batch_size, 64), preprocessing)
-    labels = data.labels[index]
-    report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), list(CLASS_NAMES), bootstrap=0)
-    return {
-        "loss": float(F.cross_entropy(logits, labels)),
-        "accuracy": report["accuracy"],
-        "weighted_f1": report["weighted_f1"],
-    }
+    return evaluate(
+        model, data.pixels[index], data.labels[index], runtime, preprocessing, list(CLASS_NAMES), max(batch_size, 64)
+    )
 
 
 def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: dict[str, float]) -> dict[str, Any]:
@@ -182,13 +178,8 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ConfigError: the run folder already holds a run and ``resume`` is off, or nothing to resume.
         DataError: the data root cannot be read.
     """
-    last_path = config.out / "last.pt"
-    if last_path.exists() and not config.resume:
-        raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
-    state = load_training_state(last_path) if config.resume else None
+    state = _previous_state(config)
     group = init_distributed(config)
-    if group.enabled and config.probe_epochs:
-        raise ConfigError("probe_epochs is not supported under torchrun (frozen parameters would stall DDP's gradient hooks)")
     progress = progress and group.main
     torch.manual_seed(config.seed)
     if not group.main:
@@ -199,105 +190,168 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     runtime = select_runtime(config.device, config.amp)
     if group.main:
         logger.info(
-            "training on %d images, validating on %d (%s), skipped %d unreadable; device %s, autocast %s, %d process(es)",
+            "training on %d images, validating on %d (%s), skipped %d unreadable; "
+            "device %s, autocast %s, %d process(es)",
             len(data.train_index), len(data.val_index), class_counts_line(data), len(data.skipped),
             runtime.device, runtime.amp_dtype, group.world_size,
         )
-    model = create_model(config.init if state is None else "none", dropout=config.dropout, stochastic_depth=config.stochastic_depth)
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    network: torch.nn.Module = model
-    if group.enabled:  # batch norm over the global batch, so N processes train what one would
-        if runtime.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            model = convert_batch_norm(model)
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[group.local_rank] if runtime.device.type == "cuda" else None
-        )
-    # The fused CUDA kernel updates all tensors in one launch; the CPU keeps the default for-each path.
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=runtime.device.type == "cuda" or None
-    )
-    steps_per_epoch = len(data.train_index) // config.batch_size
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
-    generator = torch.Generator().manual_seed(config.seed)
-    # The average copies the module; its batch-norm statistics are averaged like the weights.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
-    validated = model if ema is None else ema.module  # what is validated and saved as best
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
+    model, step = build_training_step(config, runtime, group, len(data.train_index))
+    validated = model if step.ema is None else step.ema.module  # what is validated and saved as best
+    record = RunRecord(config, data)
     if state is None:
         if group.main:
             _start_run_folder(config, data)
     else:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise ConfigError(f"{config.out} was started without ema_decay; resume it with the settings it started with")
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best = state["history"], state["best"]
-        if state["fingerprint"] != data.fingerprint:
-            raise ConfigError(f"{config.data}: Training data differs from the data this run started on; cannot resume")
-        if group.main:
-            logger.info("resuming %s after epoch %d", config.out, len(history))
+        record.restore(state, model, step)
     train_pixels = data.pixels[torch.from_numpy(data.train_index)]
     train_labels = data.labels[torch.from_numpy(data.train_index)]
     if runtime.device.type == "cuda":  # the whole decoded set fits on a GPU: no host copies per step
         train_pixels, train_labels = train_pixels.to(runtime.device), train_labels.to(runtime.device)
-    augmentation = AUGMENT_POLICIES[config.augment_policy] if config.augment else None
-    preprocessing = preprocessing_of(config)
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    for epoch in range(len(record.history) + 1, config.epochs + 1):
         if group.enabled:  # own dropout masks per process, reproducible per epoch (and on resume)
             torch.manual_seed(config.seed + 1_000_003 * epoch + group.rank)
         probing = epoch <= config.probe_epochs  # linear probe: only the head learns
         model.features.requires_grad_(not probing)
-        train = train_one_epoch(
-            network, train_pixels, train_labels, optimizer, scheduler, runtime, config.batch_size, generator,
-            augmentation, scaler, progress, description=f"epoch {epoch}/{config.epochs}" + (" (probe)" if probing else ""),
-            label_smoothing=config.label_smoothing, rank=group.rank, world_size=group.world_size, ema=ema,
-            preprocessing=preprocessing, frozen_features=probing,
-        )
-        if group.enabled:
-            loss_sum, correct, images, seconds = group.sum(
-                [train["loss"] * train["images"], train["accuracy"] * train["images"], train["images"], train["seconds"]]
-            )
-            seconds /= group.world_size
-            train = {
-                "loss": loss_sum / images, "accuracy": correct / images, "images": images,
-                "seconds": seconds, "images_per_second": images / seconds,
-            }
+        description = f"epoch {epoch}/{config.epochs}" + (" (probe)" if probing else "")
+        train = train_one_epoch(step, train_pixels, train_labels, description, progress, frozen_features=probing)
+        train = _summed(train, group)
         if not group.main:
             continue  # rank 0 validates and writes; the others go on to the next epoch
-        val = validate_epoch(validated, data, runtime, config.batch_size, preprocessing)
+        val = validate_epoch(validated, data, runtime, config.batch_size, step.preprocessing)
+        raw = validate_epoch(model, data, runtime, config.batch_size, step.preprocessing) if step.ema else None
+        record.epoch_done(epoch, train, val, raw, step, model, validated)
+    group.barrier()
+    if not group.main:
+        return {"best": None, "history": [], "run_dir": str(config.out)}
+    return {"best": record.best, "history": record.history, "run_dir": str(config.out)}
+
+
+def _previous_state(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None: a new run); refuses to overwrite a run by accident."""
+    last_path = config.out / "last.pt"
+    if last_path.exists() and not config.resume:
+        raise ConfigError(
+            f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+    return load_training_state(last_path) if config.resume else None
+
+
+def build_training_step(
+    config: TrainConfig, runtime: Runtime, group: Any, n_train: int
+) -> tuple[torch.nn.Module, TrainingStep]:
+    """The model (unwrapped) and everything a step needs: the network that runs (DDP under
+    torchrun, with batch norm over the global batch), optimizer, schedule, scaler, generator,
+    moving average, augmentation and preprocessing."""
+    if group.enabled and config.probe_epochs:
+        raise ConfigError(
+            "probe_epochs is not supported under torchrun (frozen parameters would stall DDP's gradient hooks)"
+        )
+    model = create_model(
+        "none" if config.resume else config.init, dropout=config.dropout, stochastic_depth=config.stochastic_depth
+    ).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    network: torch.nn.Module = model
+    if group.enabled:  # batch norm over the global batch, so N processes train what one would
+        cuda = runtime.device.type == "cuda"
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else convert_batch_norm(model)
+        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[group.local_rank] if cuda else None)
+    # The fused CUDA kernel updates all tensors in one launch; the CPU keeps the default for-each path.
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=runtime.device.type == "cuda" or None
+    )
+    # The average copies the module; its batch-norm statistics are averaged like the weights.
+    ema = None
+    if config.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    step = TrainingStep(
+        model=network, optimizer=optimizer, scheduler=make_scheduler(optimizer, config, n_train // config.batch_size),
+        runtime=runtime, generator=torch.Generator().manual_seed(config.seed), batch_size=config.batch_size,
+        augmentation=AUGMENT_POLICIES[config.augment_policy] if config.augment else None,
+        preprocessing=preprocessing_of(config),
+        scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
+        label_smoothing=config.label_smoothing, ema=ema, rank=group.rank, world_size=group.world_size,
+    )
+    return model, step
+
+
+def _summed(train: dict[str, float], group: Any) -> dict[str, float]:
+    """One process's epoch figures, summed over the processes of a distributed run."""
+    if not group.enabled:
+        return train
+    loss_sum, correct, images, seconds = group.sum(
+        [train["loss"] * train["images"], train["accuracy"] * train["images"], train["images"], train["seconds"]]
+    )
+    seconds /= group.world_size
+    return {
+        "loss": loss_sum / images, "accuracy": correct / images, "images": images,
+        "seconds": seconds, "images_per_second": images / seconds,
+    }
+
+
+class RunRecord:
+    """The run folder's memory: the history of epochs, the best one, and what is written after
+    each epoch (best and per-epoch weights, ``last.pt``, ``metrics.jsonl``, the curves)."""
+
+    def __init__(self, config: TrainConfig, data: TrainingData):
+        self.config, self.data = config, data
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
+
+    def restore(self, state: dict[str, Any], model: torch.nn.Module, step: TrainingStep) -> None:
+        """Put ``model`` and ``step`` back where ``last.pt`` left them."""
+        config = self.config
+        if state["fingerprint"] != self.data.fingerprint:
+            raise ConfigError(f"{config.data}: Training data differs from the data this run started on; cannot resume")
+        model.load_state_dict(state["model"])
+        if step.ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError(
+                    f"{config.out} was started without ema_decay; resume it with the settings it started with"
+                )
+            step.ema.load_state_dict(state["ema"])
+        step.optimizer.load_state_dict(state["optimizer"])
+        step.scheduler.load_state_dict(state["scheduler"])
+        step.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history, self.best = state["history"], state["best"]
+        logger.info("resuming %s after epoch %d", config.out, len(self.history))
+
+    def epoch_done(
+        self, epoch: int, train: dict[str, float], val: dict[str, Any], raw: dict[str, Any] | None,
+        step: TrainingStep, model: torch.nn.Module, validated: torch.nn.Module,
+    ) -> None:
+        """Log the epoch, keep its weights as the rules say, and checkpoint."""
+        config = self.config
         row = {
             "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_weighted_f1": val["weighted_f1"],
-            "lr": scheduler.get_last_lr()[0], "seconds": train["seconds"], "images_per_second": train["images_per_second"],
+            "lr": step.scheduler.get_last_lr()[0], "seconds": train["seconds"],
+            "images_per_second": train["images_per_second"],
         }
-        if ema is not None:  # the raw weights too, so the log shows what averaging bought
-            raw = validate_epoch(model, data, runtime, config.batch_size, preprocessing)
+        if raw is not None:  # the raw weights too, so the log shows what averaging bought
             row.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
-        history.append(row)
+        self.history.append(row)
         # Without validation every epoch "improves", so the run keeps its last weights.
-        improved = val["accuracy"] is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
+        improved = val["accuracy"] is None or (
+            (val["accuracy"], -val["loss"]) > (self.best["val_accuracy"], -self.best["val_loss"])
+        )
+        metadata = weights_metadata(config, self.data, epoch, val)
         if improved:
-            best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "val_weighted_f1": val["weighted_f1"]}
-            save_weights(validated.state_dict(), config.out / "best.safetensors", weights_metadata(config, data, epoch, val))
+            self.best = {
+                "epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+                "val_weighted_f1": val["weighted_f1"],
+            }
+            save_weights(validated.state_dict(), config.out / "best.safetensors", metadata)
         if config.save_every_epoch:
-            save_weights(validated.state_dict(), config.out / f"epoch_{epoch:02d}.safetensors", weights_metadata(config, data, epoch, val))
-        save_training_state(last_path, {
-            "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "history": history, "best": best, "fingerprint": data.fingerprint,
+            save_weights(validated.state_dict(), config.out / f"epoch_{epoch:02d}.safetensors", metadata)
+        save_training_state(config.out / "last.pt", {
+            "model": model.state_dict(), "ema": None if step.ema is None else step.ema.state_dict(),
+            "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
+            "generator": step.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "history": self.history, "best": self.best, "fingerprint": self.data.fingerprint,
         })
-        _write_history(config.out, history)
+        _write_history(config.out, self.history)
         validation = "no validation" if val["accuracy"] is None else (
             f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} wF1 {val['weighted_f1']:.4f}"
         )
@@ -305,10 +359,6 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "epoch %d/%d  train loss %.4f acc %.4f  %s  %.0f img/s%s", epoch, config.epochs, train["loss"],
             train["accuracy"], validation, train["images_per_second"], "  (best)" if improved else "",
         )
-    group.barrier()
-    if not group.main:
-        return {"best": None, "history": [], "run_dir": str(config.out)}
-    return {"best": best, "history": history, "run_dir": str(config.out)}
 
 
 def class_counts_line(data: TrainingData) -> str:
