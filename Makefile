@@ -1,4 +1,4 @@
-# make demo: classify the bundled scans with the shipped model (no data set, no internet needed).
+# make demo: classify the bundled scans (and refuse a photograph) with the shipped model, offline.
 # make test: ruff, then the test suite (set BRAINTUMOR_DATA to the Kaggle data root for the real-data tests).
 # make serve: the HTTP service and web page on http://127.0.0.1:8000/.
 PYTHON ?= python3
@@ -16,7 +16,7 @@ $(BIN)/braintumor: pyproject.toml
 install: $(BIN)/braintumor
 
 demo: install
-	$(BIN)/braintumor predict examples/scans
+	$(BIN)/braintumor predict examples/scans examples/not-mri/camera.png
 	$(BIN)/braintumor explain examples/scans --out demo-output/heatmaps
 	@echo "heat maps written to demo-output/heatmaps/"
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from braintumor import __version__
-from braintumor.config import resolve_config
-from braintumor.evaluation import evaluate
-from braintumor.predict import load_model
-from braintumor.training import fit
+from braintumor.evaluation.evaluate import evaluate
+from braintumor.inference.predict import load_model
+from braintumor.training.config import resolve_config
+from braintumor.training.fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

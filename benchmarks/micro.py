@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from braintumor import load_model
-from braintumor.checkpoint import load_weights
-from braintumor.imaging import decode_image, decode_image_and_colour
-from braintumor.models import build_efficientnet_b0, fold_batch_norm
-from braintumor.ood import split_guard
-from braintumor.predict import default_weights_path
-from braintumor.transforms import AugmentConfig, augment, normalise
+from braintumor.data.imaging import decode_image, decode_image_and_colour
+from braintumor.data.transforms import AugmentConfig, augment, normalise
+from braintumor.inference.predict import default_weights_path
+from braintumor.models.checkpoint import load_weights
+from braintumor.models.ood import split_guard
+from braintumor.models.registry import build_efficientnet_b0, fold_batch_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32

@@ -39,16 +39,16 @@ from PIL import Image
 from torchvision import transforms
 
 from braintumor import __version__, load_model
-from braintumor.cache import load_cached
-from braintumor.checkpoint import load_weights
-from braintumor.data import load_split
-from braintumor.engine import TrainingStep, train_one_epoch
-from braintumor.runtime import cpu_supports_bf16, select_runtime
-from braintumor.imaging import decode_image, resize_grey
-from braintumor.models import build_efficientnet_b0, create_model
-from braintumor.ood import split_guard
-from braintumor.predict import default_weights_path
-from braintumor.transforms import AugmentConfig
+from braintumor.data.cache import load_cached
+from braintumor.data.datasets import load_split
+from braintumor.data.imaging import decode_image, resize_grey
+from braintumor.data.transforms import AugmentConfig
+from braintumor.inference.predict import default_weights_path
+from braintumor.models.checkpoint import load_weights
+from braintumor.models.ood import split_guard
+from braintumor.models.registry import build_efficientnet_b0, create_model
+from braintumor.models.runtime import cpu_supports_bf16, select_runtime
+from braintumor.training.engine import TrainingStep, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_TRANSFORM = transforms.Compose(

@@ -14,9 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from braintumor.runtime import cpu_supports_bf16
-from braintumor.models import build_efficientnet_b0
-from braintumor.transforms import AUGMENT_POLICIES, Preprocessing, augment
+from braintumor.data.transforms import AUGMENT_POLICIES, Preprocessing, augment
+from braintumor.models.registry import build_efficientnet_b0
+from braintumor.models.runtime import cpu_supports_bf16
 
 BATCH = 32
 

@@ -3,7 +3,7 @@
 Run: python scripts/calibrate.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--target-accuracy 0.99]
 
 Uses the validation images the model was selected on (docs/training/split.json: leak-free, never
-trained on) twice: as they are, and under every shift of the shift suite (braintumor.shifts: the
+trained on) twice: as they are, and under every shift of the shift suite (braintumor.evaluation.shifts: the
 same scans made to look as if another scanner or hospital had produced them). Temperature scaling
 is fitted on both together, so that a confidence means about the same on unfamiliar-looking scans
 as on familiar ones; the confidence threshold below which predictions are flagged ``uncertain``
@@ -35,9 +35,9 @@ from shipped_data import (  # noqa: E402  (scripts/ is on the path)
     weights_argument,
 )
 
-from braintumor.calibration import choose_threshold, coverage_curve, fit_temperature  # noqa: E402
-from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
-from braintumor.metrics import expected_calibration_error  # noqa: E402
+from braintumor.evaluation.calibration import choose_threshold, coverage_curve, fit_temperature  # noqa: E402
+from braintumor.evaluation.metrics import expected_calibration_error  # noqa: E402
+from braintumor.models.checkpoint import load_weights, save_weights  # noqa: E402
 
 OUT = Path("docs/calibration")
 

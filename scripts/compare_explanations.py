@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor.cache import load_cached
-from braintumor.data import load_split
-from braintumor.explain import HeatmapRequest, brain_mask, compute_heatmaps, deletion_drop, share_inside
-from braintumor.predict import load_model
+from braintumor.data.cache import load_cached
+from braintumor.data.datasets import load_split
+from braintumor.inference.explain import HeatmapRequest, brain_mask, compute_heatmaps, deletion_drop, share_inside
+from braintumor.inference.predict import load_model
 
 METHODS = ("gradcam", "gradcam++", "eigencam", "layercam")
 LAYERS = ("features.8", "features.7", "features.6", "features.5")  # 7x7 head ... 14x14 stage

@@ -33,11 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from braintumor.cache import load_cached  # noqa: E402
-from braintumor.data import load_split, resolve_split_dir, scan_class_folders  # noqa: E402
-from braintumor.explain import overlay  # noqa: E402
-from braintumor.predict import load_model  # noqa: E402
-from braintumor.shortcuts import pixel_cues  # noqa: E402
+from braintumor.data.cache import load_cached  # noqa: E402
+from braintumor.data.datasets import load_split, resolve_split_dir, scan_class_folders  # noqa: E402
+from braintumor.evaluation.shortcuts import pixel_cues  # noqa: E402
+from braintumor.inference.explain import overlay  # noqa: E402
+from braintumor.inference.predict import load_model  # noqa: E402
 
 SHARPNESS_STEPS = (("blur 2.0", 2.0), ("blur 1.0", 1.0), ("none", 0.0), ("unsharp 75%", -75), ("unsharp 150%", -150), ("unsharp 300%", -300))
 GAMMA_STEPS = (0.5, 0.7, 1.0, 1.4, 2.0)

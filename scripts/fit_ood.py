@@ -2,20 +2,20 @@
 
 Run: python scripts/fit_ood.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--keep-weights]
 
-Fits the guard (see braintumor.ood) on the features of the model's training images (Training minus
+Fits the guard (see braintumor.models.ood) on the features of the model's training images (Training minus
 the validation split in docs/training/split.json) and sets its two thresholds on real scans only:
 - ``range_threshold`` (outside the validated range): the ``--range-percentile`` (99) of the
   validation scans' scores; a slice beyond it is classified but flagged, as the validation
   accuracy does not vouch for it;
 - ``threshold`` (not a brain MRI slice: refused): the ``--percentile`` (99.5) of the scores of the
-  validation scans and of the same scans under every shift of the shift suite (braintumor.shifts),
+  validation scans and of the same scans under every shift of the shift suite (braintumor.evaluation.shifts),
   whichever is higher, so that a real slice that only looks as if another scanner made it is not
   refused.
 It then reports how many real scans each rule refuses and flags (official Testing; the external
 set, which nothing was fitted on) and which non-MRI images it catches: photos shipped with
 scikit-learn and matplotlib, rendered charts, a logo, blank, noise, gradient and checkerboard
 images (the design set), and, as predict applies it (features plus the colour rule,
-braintumor.ood.COLOUR_LIMIT), every picture scikit-image ships (photos, micrographs, a fundus
+braintumor.models.ood.COLOUR_LIMIT), every picture scikit-image ships (photos, micrographs, a fundus
 photograph, a head phantom, text, faces), which no design decision looked at; and the colour
 rule's share on every real file of the data set. Last, medical images that are not brain MRI
 slices, from the sample DICOM files pydicom ships (a chest CT, a head CT, a 2 cm crop of a head
@@ -48,9 +48,9 @@ from shipped_data import (  # noqa: E402  (scripts/ is on the path)
     weights_argument,
 )
 
-from braintumor.checkpoint import load_weights, save_weights  # noqa: E402
-from braintumor.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
-from braintumor.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
+from braintumor.data.imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey  # noqa: E402
+from braintumor.models.checkpoint import load_weights, save_weights  # noqa: E402
+from braintumor.models.ood import COLOUR_LIMIT, colour_rejects, fit_guard  # noqa: E402
 
 
 def _chart(kind: str) -> np.ndarray:

@@ -19,12 +19,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from braintumor.cache import load_cached
-from braintumor.data import group_split, load_split
-from braintumor.duplicates import group_near_duplicates
+from braintumor.data.cache import load_cached
+from braintumor.data.datasets import group_split, load_split
+from braintumor.data.duplicates import group_near_duplicates
+from braintumor.data.transforms import normalise
 from braintumor.errors import ConfigError
-from braintumor.models import create_model
-from braintumor.transforms import normalise
+from braintumor.models.registry import create_model
 
 
 @torch.inference_mode()

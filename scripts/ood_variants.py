@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 from fit_ood import held_out_images, non_mri_images  # scripts/ is on the path when this file runs
+from shipped_data import decoded_split, network_outputs, split_features, validation_mask
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from braintumor.imaging import array_to_grey, resize_grey
-from braintumor.ood import OODGuard
-from braintumor.predict import load_model
-from shipped_data import decoded_split, network_outputs, split_features, validation_mask
+from braintumor.data.imaging import array_to_grey, resize_grey
+from braintumor.inference.predict import load_model
+from braintumor.models.ood import OODGuard
 
 FIGURE = "Te-meTr_0002.jpg"
 BORDER = 12

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from braintumor.data import scan_class_folders
-from braintumor.imaging import decode_image, resize_grey
+from braintumor.data.datasets import scan_class_folders
+from braintumor.data.imaging import decode_image, resize_grey
 
 THUMB = 112
 COLUMNS = 8

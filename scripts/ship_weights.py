@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from braintumor.checkpoint import load_weights, save_weights
-from braintumor.predict import default_weights_path
+from braintumor.inference.predict import default_weights_path
+from braintumor.models.checkpoint import load_weights, save_weights
 
 REPORT_KEYS = ("accuracy", "accuracy_ci95", "weighted_f1", "weighted_f1_ci95", "macro_f1", "macro_roc_auc", "ece", "n_images", "n_errors")
 

@@ -2,7 +2,7 @@
 
 The validation split the model was selected on (``docs/training/split.json``: leak-free, never
 trained on), the decoded Kaggle splits and an external class-folder set, the same validation
-images under every shift of the shift suite (``braintumor.shifts``), and the network's logits and
+images under every shift of the shift suite (``braintumor.evaluation.shifts``), and the network's logits and
 pooled features.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor.cache import load_cached
-from braintumor.data import Sample, load_split, resolve_split_dir, scan_class_folders
-from braintumor.predict import Classifier, default_weights_path, load_model
-from braintumor.shifts import SHIFTS
+from braintumor.data.cache import load_cached
+from braintumor.data.datasets import Sample, load_split, resolve_split_dir, scan_class_folders
+from braintumor.evaluation.shifts import SHIFTS
+from braintumor.inference.predict import Classifier, default_weights_path, load_model
 
 SPLIT_FILE = Path("docs/training/split.json")
 

@@ -113,7 +113,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
 @pytest.fixture(scope="session")
 def shipped_onnx() -> Path:
     """The shipped model's exported graph, which ships beside its weights."""
-    from braintumor.predict import default_weights_path
+    from braintumor.inference.predict import default_weights_path
 
     return default_weights_path().with_suffix(".onnx")
 

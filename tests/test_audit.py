@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from braintumor.audit import audit, write_report
 from braintumor.cli import app
+from braintumor.evaluation.audit import audit, write_report
 from conftest import synthetic_scan
 
 
@@ -67,10 +67,10 @@ def test_label_conflicts_are_reported(tmp_path: Path) -> None:
 def test_evaluate_leak_free_subset_matches_the_audit(tmp_path: Path) -> None:
     import torch
 
-    from braintumor.checkpoint import save_weights
-    from braintumor.evaluation import evaluate
-    from braintumor.models import build_efficientnet_b0
-    from braintumor.predict import load_model
+    from braintumor.evaluation.evaluate import evaluate
+    from braintumor.inference.predict import load_model
+    from braintumor.models.checkpoint import save_weights
+    from braintumor.models.registry import build_efficientnet_b0
 
     root = _planted_tree(tmp_path / "data")
     weights = tmp_path / "w.safetensors"

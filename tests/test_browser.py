@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.predict import load_model
-from braintumor.serve import create_app
+from braintumor.inference.predict import load_model
+from braintumor.serving.app import create_app
 from conftest import EXAMPLES, live_server
 
 CHROMIUM = Path(os.environ.get("BRAINTUMOR_CHROMIUM", "/usr/bin/chromium"))

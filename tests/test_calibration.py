@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from braintumor.calibration import choose_threshold, coverage_curve, fit_temperature
-from braintumor.checkpoint import read_metadata
 from braintumor.cli import app
-from braintumor.metrics import expected_calibration_error
-from braintumor.predict import default_weights_path, load_model
+from braintumor.evaluation.calibration import choose_threshold, coverage_curve, fit_temperature
+from braintumor.evaluation.metrics import expected_calibration_error
+from braintumor.inference.predict import default_weights_path, load_model
+from braintumor.models.checkpoint import read_metadata
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from braintumor.checkpoint import save_weights
 from braintumor.cli import app
-from braintumor.models import build_efficientnet_b0
+from braintumor.models.checkpoint import save_weights
+from braintumor.models.registry import build_efficientnet_b0
 
 runner = CliRunner()
 

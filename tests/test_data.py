@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braintumor.data import class_counts, group_split, load_split, resolve_split_dir, scan_class_folders
+from braintumor.data.datasets import class_counts, group_split, load_split, resolve_split_dir, scan_class_folders
 from braintumor.errors import DataError
 from conftest import CLASSES, write_tree
 

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from braintumor.duplicates import group_near_duplicates, near_pairs, perceptual_hashes
-from braintumor.imaging import decode_image, resize_grey
+from braintumor.data.duplicates import group_near_duplicates, near_pairs, perceptual_hashes
+from braintumor.data.imaging import decode_image, resize_grey
 from conftest import synthetic_scan
 
 

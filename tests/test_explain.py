@@ -8,8 +8,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from braintumor.errors import ConfigError
-from braintumor.explain import HeatmapRequest, brain_mask, compute_heatmaps, deletion_drop, resolve_layer, share_inside
-from braintumor.models import build_efficientnet_b0
+from braintumor.inference.explain import (
+    HeatmapRequest,
+    brain_mask,
+    compute_heatmaps,
+    deletion_drop,
+    resolve_layer,
+    share_inside,
+)
+from braintumor.models.registry import build_efficientnet_b0
 
 
 def _head(size: int = 128) -> np.ndarray:

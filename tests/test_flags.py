@@ -11,12 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from braintumor.checkpoint import load_weights, save_weights
 from braintumor.cli import app
-from braintumor.evaluation import answer_summary
-from braintumor.ood import OODGuard, split_guard
-from braintumor.predict import Assessment, default_weights_path, load_model
-from braintumor.serve import create_app
+from braintumor.evaluation.evaluate import answer_summary
+from braintumor.inference.predict import Assessment, default_weights_path, load_model
+from braintumor.models.checkpoint import load_weights, save_weights
+from braintumor.models.ood import OODGuard, split_guard
+from braintumor.serving.app import create_app
 from conftest import EXAMPLES
 
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
@@ -54,7 +54,7 @@ def banded_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pixels() -> np.ndarray:
-    from braintumor.imaging import decode_image, resize_grey
+    from braintumor.data.imaging import decode_image, resize_grey
 
     return np.stack([resize_grey(decode_image(p), 224) for p in SCANS])
 

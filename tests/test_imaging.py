@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from braintumor.data.imaging import array_to_grey, decode_image, resize_grey
 from braintumor.errors import InvalidImageError
-from braintumor.imaging import array_to_grey, decode_image, resize_grey
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -88,7 +88,7 @@ def test_resize_grey_squashes_to_square() -> None:
 
 
 def test_colour_share_counts_coloured_pixels_and_ignores_grey_stored_as_rgb() -> None:
-    from braintumor.imaging import colour_share, decode_image_and_colour
+    from braintumor.data.imaging import colour_share, decode_image_and_colour
 
     grey = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))
     assert decode_image_and_colour(_encode(grey.convert("RGB"), "PNG"))[1] == 0.0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from braintumor.data.inputs import expand_inputs, read_scan
 from braintumor.errors import InvalidImageError
-from braintumor.inputs import expand_inputs, read_scan
 from conftest import write_dicom
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import f1_score
 
-from braintumor.metrics import bootstrap_interval, classification_report, expected_calibration_error
+from braintumor.evaluation.metrics import bootstrap_interval, classification_report, expected_calibration_error
 
 NAMES = ["glioma", "meningioma", "notumor", "pituitary"]
 

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
 from braintumor.errors import ConfigError
-from braintumor.models import (
+from braintumor.models.registry import (
     SE_GATE_BIAS,
     _lite0_state_dict,
     build_efficientnet_b0,

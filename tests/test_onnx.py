@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.errors import CheckpointError, ConfigError
-from braintumor.predict import load_model
+from braintumor.inference.predict import load_model
 from conftest import EXAMPLES
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ from sklearn.datasets import load_sample_image
 from typer.testing import CliRunner
 
 from braintumor.cli import app
-from braintumor.ood import OODGuard, fit_guard
-from braintumor.predict import NOT_BRAIN_MRI, load_model
+from braintumor.inference.predict import NOT_BRAIN_MRI, load_model
+from braintumor.models.ood import OODGuard, fit_guard
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
 
@@ -36,9 +36,10 @@ def test_shipped_guard_rejects_a_photo_and_accepts_the_bundled_scans() -> None:
     [photo] = classifier.predict(load_sample_image("china.jpg"))
     assert photo.not_brain_mri is True and photo.label == NOT_BRAIN_MRI
     scans = classifier.predict(EXAMPLES)
-    rejected = [Path(s.path).name for s in scans if s.not_brain_mri]
-    # A known false rejection (docs/ood/README.md): a rare skull-base slice from a published figure.
-    assert len(scans) == 12 and rejected == ["Te-meTr_0002.jpg"]
+    assert len(scans) == 12 and not any(s.not_brain_mri for s in scans)
+    assert all(s.label == Path(s.path).parent.name for s in scans)
+    [camera] = classifier.predict(EXAMPLES.parent / "not-mri" / "camera.png")  # the demo's refusal
+    assert camera.not_brain_mri is True and "out-of-distribution" in camera.not_brain_mri_reason
 
 
 def test_flag_appears_in_predict_json(tmp_path: Path) -> None:
@@ -87,8 +88,8 @@ def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> N
     """scikit-image's retina.jpg (a colour fundus photograph) passes the feature guard alone."""
     from PIL import Image
 
-    from braintumor.imaging import colour_share
-    from braintumor.ood import COLOUR_LIMIT
+    from braintumor.data.imaging import colour_share
+    from braintumor.models.ood import COLOUR_LIMIT
 
     skimage = pytest.importorskip("skimage")
     shares = [colour_share(np.asarray(Image.open(p).convert("RGB"))) for p in sorted(EXAMPLES.rglob("*.jpg"))]
@@ -101,7 +102,7 @@ def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> N
 def test_dicom_header_refusals_say_what_the_header_says() -> None:
     from pydicom.dataset import Dataset
 
-    from braintumor.inputs import dicom_refusal
+    from braintumor.data.inputs import dicom_refusal
 
     def header(**tags: object) -> Dataset:
         dataset = Dataset()

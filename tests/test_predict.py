@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from braintumor.checkpoint import save_weights
 from braintumor.cli import app
-from braintumor.models import build_efficientnet_b0
-from braintumor.predict import load_model
-from braintumor.results import summarize_volume
+from braintumor.inference.predict import load_model
+from braintumor.inference.results import summarize_volume
+from braintumor.models.checkpoint import save_weights
+from braintumor.models.registry import build_efficientnet_b0
 from conftest import write_dicom
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
@@ -119,7 +119,7 @@ def test_nifti_volume_has_slice_results_and_a_summary(tiny_weights: Path, tmp_pa
 
 
 def test_volume_summary_prefers_a_confident_tumour_slice() -> None:
-    from braintumor.predict import Prediction
+    from braintumor.inference.predict import Prediction
 
     slices = [
         Prediction("v.nii#slice=0", "notumor", 0.99, index=0),

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.checkpoint import save_weights
-from braintumor.config import resolve_config
+from braintumor.data.transforms import AUGMENT_POLICIES, AugmentConfig, Preprocessing, augment, standardise_head
 from braintumor.errors import ConfigError
-from braintumor.models import build_efficientnet_b0
-from braintumor.predict import load_model
-from braintumor.transforms import AUGMENT_POLICIES, AugmentConfig, Preprocessing, augment, standardise_head
+from braintumor.inference.predict import load_model
+from braintumor.models.checkpoint import save_weights
+from braintumor.models.registry import build_efficientnet_b0
+from braintumor.training.config import resolve_config
 
 
 def _heads(n: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -86,8 +86,8 @@ def test_config_names_the_valid_policies_and_limits_the_probe(tmp_path: Path) ->
 
 
 def test_a_probe_epoch_trains_only_the_head(kaggle_tree: Path, tmp_path: Path) -> None:
-    from braintumor.checkpoint import load_weights
-    from braintumor.training import fit
+    from braintumor.models.checkpoint import load_weights
+    from braintumor.training.fit import fit
 
     torch.manual_seed(0)
     start = build_efficientnet_b0().state_dict()
@@ -109,9 +109,9 @@ def test_a_probe_epoch_trains_only_the_head(kaggle_tree: Path, tmp_path: Path) -
 
 
 def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tmp_path: Path) -> None:
-    from braintumor.checkpoint import load_weights
-    from braintumor.ood import split_guard
-    from braintumor.predict import default_weights_path
+    from braintumor.inference.predict import default_weights_path
+    from braintumor.models.checkpoint import load_weights
+    from braintumor.models.ood import split_guard
 
     state = split_guard(load_weights(default_weights_path())[0])[0]  # trained weights: outputs follow the input
     weights = tmp_path / "head.safetensors"
@@ -125,7 +125,7 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from braintumor.serve import create_app
+    from braintumor.serving.app import create_app
 
     uploads = []
     for k, image in enumerate(pixels):
@@ -144,7 +144,7 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
 
 def test_bf16_only_where_the_cpu_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN emulates bf16 on any AVX-512 CPU, slower than fp32; the CPU's flags decide."""
-    from braintumor import runtime
+    from braintumor.models import runtime
 
     def cpuinfo(flags: str):
         return lambda self, *args, **kwargs: f"processor : 0\nflags : fpu sse avx2 avx512f {flags}\n"

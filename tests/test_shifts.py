@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from braintumor.checkpoint import save_weights
 from braintumor.cli import app
 from braintumor.errors import ConfigError
-from braintumor.evaluation import evaluate_shifts
-from braintumor.models import build_efficientnet_b0
-from braintumor.predict import load_model
-from braintumor.shifts import SHIFTS, apply_shift, resolve_shifts
+from braintumor.evaluation.evaluate import evaluate_shifts
+from braintumor.evaluation.shifts import SHIFTS, apply_shift, resolve_shifts
+from braintumor.inference.predict import load_model
+from braintumor.models.checkpoint import save_weights
+from braintumor.models.registry import build_efficientnet_b0
 from conftest import CLASSES, synthetic_scan, write_tree
 
 REQUIRED = {

@@ -11,8 +11,14 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from braintumor.cli import app
-from braintumor.data import load_split
-from braintumor.shortcuts import jpeg_quality, pixel_cues, shortcut_audit, summary_lines, write_shortcut_report
+from braintumor.data.datasets import load_split
+from braintumor.evaluation.shortcuts import (
+    jpeg_quality,
+    pixel_cues,
+    shortcut_audit,
+    summary_lines,
+    write_shortcut_report,
+)
 
 SIZE = 64
 

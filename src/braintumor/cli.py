@@ -16,7 +16,7 @@ import typer
 from .errors import BraintumorError
 
 if TYPE_CHECKING:
-    from .results import Prediction, VolumeCollector
+    from .inference.results import Prediction, VolumeCollector
 
 app = typer.Typer(
     add_completion=False,
@@ -67,8 +67,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train EfficientNet-B0 and write a run folder (config, metrics, curves, best weights)."""
-    from .config import resolve_config
-    from .training import fit
+    from .training.config import resolve_config
+    from .training.fit import fit
 
     _setup_logging()
     try:
@@ -135,7 +135,7 @@ def _print_report(report: dict) -> None:
 
 
 def _shift_names() -> list[str]:
-    from .shifts import SHIFTS
+    from .evaluation.shifts import SHIFTS
 
     return list(SHIFTS)
 
@@ -182,10 +182,10 @@ def evaluate(
     accuracy under seeded appearance shifts."""
     import json
 
-    from .evaluation import evaluate as run_evaluation
-    from .evaluation import evaluate_shifts
-    from .predict import load_model
-    from .shifts import resolve_shifts
+    from .evaluation.evaluate import evaluate as run_evaluation
+    from .evaluation.evaluate import evaluate_shifts
+    from .evaluation.shifts import resolve_shifts
+    from .inference.predict import load_model
 
     _setup_logging()
     try:
@@ -242,9 +242,9 @@ def predict(
 
     from tqdm import tqdm
 
-    from .inputs import expand_inputs
-    from .predict import load_model
-    from .results import VolumeCollector
+    from .data.inputs import expand_inputs
+    from .inference.predict import load_model
+    from .inference.results import VolumeCollector
 
     _setup_logging()
     try:
@@ -270,7 +270,7 @@ def predict(
             typer.echo("[", nl=False)
         else:
             columns = "".join(f"{n[:10]:>11}" for n in classifier.class_names)
-            typer.echo(f"{'label':<11}{'conf':>7}  {columns}  path")
+            typer.echo(f"{'label':<14}{'conf':>7}  {columns}  path")
         for result in classifier.predict_iter(files, batch_size=batch_size, progress=progress):
             failures += result.error is not None
             volumes.add(result)
@@ -315,7 +315,7 @@ def _prediction_line(result: Prediction, class_names: list[str]) -> str:
         flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
     if result.outside_validated_range_reason:
         flag += f"  OUTSIDE THE VALIDATED RANGE: {result.outside_validated_range_reason}"
-    return f"{result.label:<11}{result.confidence:>7.3f}  {row}  {result.path}{flag}"
+    return f"{result.label:<14}{result.confidence:>7.3f}  {row}  {result.path}{flag}"
 
 
 def _echo_volumes(volumes: VolumeCollector, json_output: bool, first: bool) -> None:
@@ -350,9 +350,9 @@ def explain(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Grad-CAM heat maps: one PNG per scan with the heat map over it and the predicted class."""
-    from .explain import METHODS
-    from .inputs import expand_inputs
-    from .predict import DEFAULT_CAM_METHOD, load_model
+    from .data.inputs import expand_inputs
+    from .inference.explain import METHODS
+    from .inference.predict import DEFAULT_CAM_METHOD, load_model
 
     _setup_logging()
     method = method or DEFAULT_CAM_METHOD
@@ -372,7 +372,7 @@ def explain(
                 continue
             name = _png_name(prediction.path, used)
             explanation.save_png(out / name)
-            typer.echo(f"{prediction.label:<11}{prediction.confidence:>7.3f}  {out / name}")
+            typer.echo(f"{prediction.label:<14}{prediction.confidence:>7.3f}  {out / name}")
     except BraintumorError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -396,9 +396,9 @@ def audit(
 ) -> None:
     """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list;
     then the shortcut audit: how far trivial, non-anatomical cues predict the label."""
-    from .audit import audit as run_audit
-    from .audit import write_report
-    from .data import resolve_split_dir
+    from .data.datasets import resolve_split_dir
+    from .evaluation.audit import audit as run_audit
+    from .evaluation.audit import write_report
 
     _setup_logging()
     try:
@@ -425,7 +425,7 @@ def audit(
 
 
 def _shortcut_audit(data: Path, out: Path, external: Path | None, leak_free: set[Path]) -> None:
-    from .shortcuts import shortcut_audit, summary_lines, write_shortcut_report
+    from .evaluation.shortcuts import shortcut_audit, summary_lines, write_shortcut_report
 
     try:
         report = shortcut_audit(data, external=external, leak_free=leak_free)
@@ -473,8 +473,8 @@ def serve(
     ),
 ) -> None:
     """HTTP service and web page: /, /docs, /healthz, /v1/model, /v1/predict, /v1/explain."""
-    from .predict import load_model
-    from .serve import ServiceLimits, create_app
+    from .inference.predict import load_model
+    from .serving.app import ServiceLimits, create_app
 
     _setup_logging()
     _check_can_listen(host, port)  # before the model loads: a busy port should fail at once
@@ -499,9 +499,9 @@ def export(
     weights: Optional[Path] = typer.Option(None, help="Weights file to export (default: the shipped model)."),
 ) -> None:
     """Export the model for deployment: ONNX with a dynamic batch, metadata and OOD guard inside."""
-    from .network import load_torch_network
-    from .onnx_backend import export_onnx, source_of
-    from .predict import default_weights_path
+    from .inference.predict import default_weights_path
+    from .models.network import load_torch_network
+    from .models.onnx_backend import export_onnx, source_of
 
     _setup_logging()
     if format != "onnx":

@@ -1,0 +1,275 @@
+"""``evaluate(data, classifier)``: every published figure for a labelled folder, plus its PNGs.
+``evaluate_shifts(data, classifier, shifts)``: the same images under seeded appearance shifts (``shifts``).
+
+On a Kaggle layout the official ``Testing/`` split is evaluated; on a plain class-folder root,
+everything in it. Unreadable images are reported and skipped, and their count is part of the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.cache import DecodedImages, load_cached
+from ..data.datasets import Sample, is_kaggle_layout, resolve_split_dir, scan_class_folders
+from ..inference.predict import Assessment, Classifier, default_weights_path
+from .metrics import classification_report
+from .plots import plot_confusion_matrix, plot_per_class, plot_reliability, plot_shift_examples, plot_shifts
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(
+    data: str | Path,
+    classifier: Classifier,
+    out_dir: Path | None = None,
+    batch_size: int = 64,
+    bootstrap: int = 1000,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    leak_free: bool = True,
+) -> dict[str, Any]:
+    """Classify every labelled image under ``data`` and report the metrics (see ``metrics``).
+
+    On a Kaggle layout with ``leak_free`` on, the report also holds ``leak_free``: the same figures
+    on the Testing images that have no exact or near duplicate in Training (see ``audit``), which
+    measure skill on new scans rather than memory of copies.
+
+    Raises:
+        DataError: missing root, no images, or an unknown class folder.
+    """
+    data = Path(data)
+    split_dir, samples, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
+    assessment = classifier.assess(decoded.pixels[keep], batch_size=batch_size, progress=progress)
+    probabilities, rejected = assessment.probabilities, assessment.rejected
+    report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
+    report["answers"] = answer_summary(assessment, labels, classifier.uncertainty_threshold)
+    if rejected is not None:
+        # Metrics above score the tumour class regardless; this counts real scans the guard would refuse.
+        report["rejected_as_not_brain_mri"] = {
+            "n": int(rejected.sum()),
+            "rate": float(rejected.mean()) if len(rejected) else 0.0,
+        }
+    if classifier.uncertainty_threshold is not None:
+        report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
+    if leak_free and is_kaggle_layout(data):
+        from .audit import training_twins
+
+        kept_paths = [samples[i].path for i in keep]
+        clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
+        report["leak_free"] = classification_report(
+            labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap
+        )
+        report["leak_free"]["definition"] = (
+            "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
+        )
+        if classifier.uncertainty_threshold is not None:
+            report["leak_free"]["uncertainty"] = uncertainty_summary(
+                probabilities[clean], labels[clean], classifier.uncertainty_threshold
+            )
+    report.update({
+        "data": str(split_dir),
+        "split": "Testing" if is_kaggle_layout(data) else "all",
+        "weights": (
+            "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path)
+        ),
+        "tta": classifier.tta,
+        "n_skipped": len(decoded.errors),
+        "skipped": decoded.errors,
+    })
+    if out_dir is not None:
+        write_outputs(out_dir, report, [samples[i].path for i in keep], labels, probabilities, classifier.class_names)
+    return report
+
+
+def _load_labelled(
+    data: Path, classifier: Classifier, cache_dir: Path | None, progress: bool
+) -> tuple[Path, list[Sample], DecodedImages, np.ndarray, np.ndarray]:
+    """(split folder, samples, decoded pixels, indices of the readable ones, their labels); skips are logged."""
+    split_dir = resolve_split_dir(data, "Testing")
+    samples = scan_class_folders(split_dir, tuple(classifier.class_names))
+    decoded = load_cached([s.path for s in samples], classifier.image_size, cache_dir, progress=progress)
+    for line in decoded.errors:
+        logger.warning("skipped %s", line)
+    keep = np.flatnonzero(decoded.ok)
+    labels = np.array([samples[i].label for i in keep], dtype=int)
+    return split_dir, samples, decoded, keep, labels
+
+
+def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float | None) -> dict[str, Any]:
+    """What a user would have been told about each scan, and how many wrong answers came with no
+    warning at all: classified (not refused as not brain MRI), confident (not flagged uncertain)
+    and inside the validated range, yet wrong. ``silent_wrong_ignoring_range`` counts the wrong
+    answers that only the outside-the-validated-range flag warned about."""
+    n = len(labels)
+    none = np.zeros(n, dtype=bool)
+    refused = none if assessment.rejected is None else assessment.rejected
+    outside = none if assessment.outside_range is None else assessment.outside_range & ~refused
+    confidence = assessment.probabilities.max(axis=1) if n else np.zeros(0)
+    uncertain = none if threshold is None else confidence < threshold
+    wrong = assessment.probabilities.argmax(axis=1) != labels if n else none
+    answered = ~refused & ~uncertain
+    silent = wrong & answered & ~outside
+
+    def share(mask: np.ndarray) -> dict[str, float | int]:
+        return {"n": int(mask.sum()), "rate": float(mask.mean()) if n else 0.0}
+
+    return {
+        "n_images": n,
+        "refused_not_brain_mri": share(refused),
+        "flagged_uncertain": share(uncertain & ~refused),
+        "flagged_outside_validated_range": share(outside),
+        "silent_wrong": share(silent),
+        "silent_wrong_ignoring_range": share(wrong & answered),
+        "accuracy_of_unflagged": float((~wrong[answered & ~outside]).mean()) if (answered & ~outside).any() else None,
+        "definition": (
+            "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range"
+        ),
+    }
+
+
+def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """How many scans the refer-to-a-radiologist flag catches, and the accuracy on the rest."""
+    confident = probabilities.max(axis=1) >= threshold
+    correct = probabilities.argmax(axis=1) == labels
+    return {
+        "threshold": threshold,
+        "n_flagged": int((~confident).sum()),
+        "coverage": float(confident.mean()) if len(labels) else 0.0,
+        "accuracy_unflagged": float(correct[confident].mean()) if confident.any() else None,
+        "errors_flagged": int((~correct & ~confident).sum()),
+        "errors_unflagged": int((~correct & confident).sum()),
+    }
+
+
+def write_outputs(
+    out_dir: Path,
+    report: dict[str, Any],
+    paths: list[Path],
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: list[str],
+) -> None:
+    """report.json, predictions.csv, confusion_matrix.png, per_class.png and reliability.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with open(out_dir / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true", "predicted", "confidence", *class_names])
+        for path, label, row in zip(paths, labels, probabilities, strict=True):
+            predicted = class_names[int(row.argmax())]
+            writer.writerow([path, class_names[label], predicted, f"{row.max():.6f}", *(f"{p:.6f}" for p in row)])
+    title = f"{report['split']} split: accuracy {report['accuracy']:.4f} (n={report['n_images']})"
+    plot_confusion_matrix(report["confusion_matrix"], report["labels"], out_dir / "confusion_matrix.png", title)
+    plot_per_class(report["per_class"], out_dir / "per_class.png")
+    plot_reliability(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, out_dir / "reliability.png")
+
+
+def evaluate_shifts(
+    data: str | Path,
+    classifier: Classifier,
+    shifts: str | list[str] = "all",
+    seed: int = 0,
+    batch_size: int = 64,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Accuracy of the classifier on the same images as ``evaluate``, unshifted and under each shift.
+
+    Every shift (``shifts.SHIFTS``) changes how the scans look, never their labels, so each entry
+    measures robustness: accuracy, weighted and macro F1, per-class recall, the flip rate (share of
+    images whose predicted class differs from the unshifted prediction, right or wrong) and, with an
+    out-of-distribution guard, the share refused as not brain MRI. With ``out_dir``, also writes
+    shifts.json, shifts.png (accuracy per shift against the unshifted line) and shift_examples.png
+    (one scan under every shift).
+
+    Raises:
+        ConfigError: an unknown shift name.
+        DataError: as ``evaluate``.
+    """
+    from tqdm import tqdm
+
+    from .shifts import SHIFTS, resolve_shifts
+
+    names = resolve_shifts(shifts)
+    data = Path(data)
+    split_dir, _, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
+    pixels = np.asarray(decoded.pixels)[keep]
+    assessment = classifier.assess(pixels, batch_size=batch_size, progress=progress)
+    reference = assessment.probabilities.argmax(axis=1)
+    baseline = _shift_entry(labels, assessment, reference, classifier)
+    head_share = (pixels > 20).mean(axis=(1, 2))
+    example = int(np.argsort(head_share, kind="stable")[len(head_share) // 2]) if len(pixels) else None
+    examples = {} if example is None else {f"unshifted ({classifier.class_names[labels[example]]})": pixels[example]}
+    results: dict[str, dict[str, Any]] = {}
+    for name in tqdm(names, desc="shifts", unit="shift", disable=not progress, leave=False):
+        shift = SHIFTS[name]
+        started = time.perf_counter()
+        shifted = shift(pixels, labels, seed)
+        seconds = time.perf_counter() - started
+        entry = _shift_entry(labels, classifier.assess(shifted, batch_size=batch_size), reference, classifier)
+        entry["accuracy_change"] = entry["accuracy"] - baseline["accuracy"]
+        entry.update({"description": shift.description, "params": shift.params, "random": shift.random,
+                      "transform_seconds": round(seconds, 3)})
+        results[name] = entry
+        logger.info("shift %s: accuracy %.4f (unshifted %.4f), flip rate %.4f",
+                    name, entry["accuracy"], baseline["accuracy"], entry["flip_rate"])
+        if example is not None:
+            examples[name] = shifted[example]
+    report = {
+        "data": str(split_dir),
+        "split": "Testing" if is_kaggle_layout(data) else "all",
+        "weights": _weights_name(classifier),
+        "tta": classifier.tta,
+        "seed": seed,
+        "n_images": len(labels),
+        "n_skipped": len(decoded.errors),
+        "skipped": decoded.errors,
+        "flip_rate_definition": "share of images whose predicted class differs from the unshifted prediction",
+        "baseline": baseline,
+        "shifts": results,
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "shifts.json").write_text(json.dumps(report, indent=2))
+        title = f"Accuracy under appearance shifts: {len(labels)} images ({report['split']}), seed {seed}"
+        plot_shifts(baseline["accuracy"], results, out_dir / "shifts.png", title)
+        if examples:
+            plot_shift_examples(examples, out_dir / "shift_examples.png", f"seed {seed}; labels never change")
+    return report
+
+
+def _weights_name(classifier: Classifier) -> str:
+    return "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path)
+
+
+def _shift_entry(
+    labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier
+) -> dict[str, Any]:
+    """The figures of one shift: accuracy, F1, per-class recall, flips against ``reference``,
+    rejections and flags (``answer_summary``)."""
+    probabilities, rejected = assessment.probabilities, assessment.rejected
+    report = classification_report(labels, probabilities, classifier.class_names, bootstrap=0)
+    flipped = probabilities.argmax(axis=1) != reference
+    return {
+        "accuracy": report["accuracy"],
+        "weighted_f1": report["weighted_f1"],
+        "macro_f1": report["macro_f1"],
+        "n_errors": report["n_errors"],
+        "per_class_recall": {name: row["recall"] for name, row in report["per_class"].items()},
+        "flip_rate": float(flipped.mean()) if len(flipped) else 0.0,
+        "n_flipped": int(flipped.sum()),
+        "rejected_as_not_brain_mri": None if rejected is None else {
+            "n": int(rejected.sum()), "rate": float(rejected.mean()) if len(rejected) else 0.0},
+        "answers": answer_summary(assessment, labels, classifier.uncertainty_threshold),
+        "ece": report.get("ece"),
+        "labels": report["labels"],
+        "confusion_matrix": report["confusion_matrix"],
+    }

@@ -1,0 +1,2 @@
+"""Inference: ``load_model`` and the ``Classifier`` (``predict``), what it returns (``results``)
+and Grad-CAM (``explain``)."""
