@@ -44,9 +44,7 @@ from braintumor.data.datasets import load_split
 from braintumor.data.imaging import decode_image, resize_grey
 from braintumor.data.transforms import AugmentConfig
 from braintumor.inference.predict import default_weights_path
-from braintumor.models.checkpoint import load_weights
-from braintumor.models.ood import split_guard
-from braintumor.models.registry import build_efficientnet_b0, create_model
+from braintumor.models.registry import create_model, load_weights_file
 from braintumor.models.runtime import cpu_supports_bf16, select_runtime
 from braintumor.training.engine import TrainingStep, train_one_epoch
 
@@ -77,17 +75,16 @@ def machine() -> str:
 
 
 def plain_inference(paths: list[Path], batch_size: int = 32) -> np.ndarray:
-    """The original work's loop: per-image PIL + torchvision transforms, eager fp32, NCHW."""
-    classifier = load_model(device="cpu")  # for its temperature; the network is built plainly
-    model = build_efficientnet_b0()
-    model.load_state_dict(split_guard(load_weights(default_weights_path())[0])[0])
-    model.eval()
+    """The original work's loop: per-image PIL decoding and resizing, eager fp32, NCHW, an unfolded
+    network; the shipped model's own preprocessing (its spec) and temperature, so probabilities
+    compare with the predict path's."""
+    model, spec = load_weights_file(default_weights_path())
     outputs = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
-            batch = torch.stack([PLAIN_TRANSFORM(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]])
-            # The shipped temperature, so probabilities compare with the predict path's.
-            outputs.append(torch.softmax(model(batch) / classifier.temperature, 1).numpy())
+            grey = [np.asarray(Image.open(p).convert("L").resize((224, 224), Image.BILINEAR)) for p in paths[start : start + batch_size]]
+            logits = model(spec.preprocessing(torch.from_numpy(np.stack(grey))))
+            outputs.append(torch.softmax(logits / spec.temperature, 1).numpy())
     return np.concatenate(outputs)
 
 
@@ -147,7 +144,7 @@ def bench_inference(data: Path, repeats: int) -> list[dict]:
     paths, labels = [s.path for s in samples], np.array([s.label for s in samples])
     braintumor_inference(paths[:64])()  # warm the page cache and the kernels
     variants: list[tuple[str, Callable[[], np.ndarray]]] = [
-        ("plain loop (PIL + torchvision transforms, eager fp32, NCHW, batch 32)", lambda: plain_inference(paths)),
+        ("plain loop (PIL decode and resize per image, eager fp32, NCHW, unfolded network, batch 32)", lambda: plain_inference(paths)),
         ("braintumor predict, default (auto: ONNX Runtime on a CPU), 2 decode threads", braintumor_inference(paths)),
         ("braintumor predict, PyTorch fp32 channels_last (--backend torch)", braintumor_inference(paths, backend="torch")),
         ("braintumor predict, PyTorch bf16 autocast (--backend torch --amp)", braintumor_inference(paths, backend="torch", amp=True)),

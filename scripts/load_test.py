@@ -6,7 +6,7 @@ nothing but this machine), sends the bundled scans round-robin, and stops the se
 ``--url`` targets a server already running, but only on loopback: this is not a tool for
 loading other people's machines.
 
-    python scripts/load_test.py                       # torch backend, 1/4/16 clients, 64 requests each
+    python scripts/load_test.py                       # default backend, 1/4/16 clients, 64 requests each
     python scripts/load_test.py --backend onnx --markdown
 """
 
@@ -89,7 +89,7 @@ def run_level(url: str, endpoint: str, clients: int, requests: int) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="A running server on loopback (default: start one).")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="Backend of the server started here.")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="Backend of the server started here.")
     parser.add_argument("--endpoint", choices=("predict", "explain"), default="predict")
     parser.add_argument("--requests", type=int, default=64, help="Requests per concurrency level.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

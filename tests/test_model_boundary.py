@@ -15,10 +15,10 @@ from PIL import Image
 
 from braintumor.errors import CheckpointError
 from braintumor.inference.predict import default_weights_path, load_model
-from braintumor.models import onnx_backend
+from braintumor.models import network as network_module
 from braintumor.models.checkpoint import load_weights, save_weights
-from braintumor.models.network import TorchNetwork, load_network, load_torch_network
-from braintumor.models.onnx_backend import OnnxNetwork, check_parity, graph_for_weights, source_of
+from braintumor.models.network import TorchNetwork, graph_for_weights, load_network, load_torch_network
+from braintumor.models.onnx_backend import OnnxNetwork, check_parity, source_of
 from braintumor.models.spec import ModelSpec
 from conftest import EXAMPLES
 
@@ -72,7 +72,7 @@ def test_stored_preprocessing_is_what_torch_and_onnx_apply(tmp_path: Path) -> No
 
 
 def test_the_default_runs_the_shipped_graph_without_exporting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_backend, "export_model_proto", _no_export)
+    monkeypatch.setattr(network_module, "export_model_proto", _no_export)
     classifier = load_model(device="cpu")
     assert classifier.backend == "onnx"
     assert classifier.network.exported_from == source_of(default_weights_path())  # not a stale graph
@@ -85,7 +85,7 @@ def test_other_weights_are_exported_once_into_the_cache(tmp_path: Path, monkeypa
     first = graph_for_weights(copy)
     cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(cached) == 1 and first.exported_from == source_of(copy)
-    monkeypatch.setattr(onnx_backend, "export_model_proto", _no_export)
+    monkeypatch.setattr(network_module, "export_model_proto", _no_export)
     assert graph_for_weights(copy).exported_from == first.exported_from
     cached[0].write_bytes(b"damaged")  # a damaged cache entry is replaced, not fatal
     monkeypatch.undo()

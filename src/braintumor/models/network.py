@@ -6,15 +6,17 @@ through ``Preprocessing``, the ONNX graph has the same operations inside), and r
 (N, C) and pooled features (N, F) as float32 CPU tensors. Calibration, the guard's verdicts and
 the flags are computed from those by the ``Classifier``, identically for both backends.
 
-``load_network(weights, backend="auto")`` picks ONNX Runtime on a CPU, where it is about twice as
-fast as PyTorch and gives the same predictions (``benchmarks/run.py``), and PyTorch on a GPU. For
-a ``.safetensors`` file it uses the graph shipped beside the file when that graph was exported
-from these exact weights, else one exported once into the user cache (``onnx_backend``).
+``load_network(weights, backend="auto")`` picks ONNX Runtime on a CPU, where it is faster than
+PyTorch and gives the same predictions (``benchmarks/run.py``), and PyTorch on a GPU. For a
+``.safetensors`` file it uses the graph shipped beside the file when that graph was exported from
+these exact weights, else one exported once into the user cache (``graph_for_weights``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -22,8 +24,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import __version__
 from ..data.transforms import Preprocessing
 from ..errors import CheckpointError, ConfigError
+from .onnx_backend import OnnxNetwork, check_parity, export_model_proto, save_proto, source_of
 from .registry import fold_batch_norm, load_weights_file
 from .runtime import Runtime, select_runtime
 from .spec import ModelSpec
@@ -111,6 +115,45 @@ def resolve_backend(weights: Path, backend: str, device: str) -> str:
     return "onnx" if on_cpu and importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
+def cache_dir() -> Path:
+    """Where graphs exported from ``.safetensors`` files are kept: ``$BRAINTUMOR_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/braintumor``, else ``~/.cache/braintumor``."""
+    if os.environ.get("BRAINTUMOR_CACHE_DIR"):
+        return Path(os.environ["BRAINTUMOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "braintumor"
+
+
+def graph_for_weights(weights: Path) -> OnnxNetwork:
+    """The ONNX Runtime network of a ``.safetensors`` file, without exporting at every start: the
+    graph beside the file (``name.onnx``, as the shipped model has) or in ``cache_dir()`` when it
+    records these exact weights; otherwise exported now (a few seconds, once), checked against
+    PyTorch on probe images, and cached.
+
+    Raises:
+        CheckpointError: the weights cannot be loaded, or the exported graph disagrees with PyTorch.
+    """
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found")
+    source = source_of(weights)
+    cached = cache_dir() / "onnx" / f"{source.rsplit(':', 1)[1][:32]}-{__version__}.onnx"
+    for candidate in (weights.with_suffix(".onnx"), cached):
+        if candidate.is_file():
+            try:
+                network = OnnxNetwork(candidate, str(weights))
+            except CheckpointError:
+                continue  # a damaged cache entry is replaced below
+            if network.exported_from == source:
+                return network
+    reference = load_torch_network(weights, device="cpu")
+    proto = export_model_proto(reference, source)
+    network = OnnxNetwork(proto.SerializeToString(), str(weights))
+    check_parity(reference, network, str(weights))
+    with contextlib.suppress(CheckpointError):  # an unwritable cache costs an export at the next start
+        save_proto(proto, cached)
+    return network
+
+
 def load_network(weights: Path, backend: str = "auto", device: str = "auto", amp: bool = False) -> Network:
     """The one loader: a ``.safetensors`` or ``.onnx`` file as a ``Network`` of ``backend``.
 
@@ -118,8 +161,6 @@ def load_network(weights: Path, backend: str = "auto", device: str = "auto", amp
         CheckpointError: the file is missing, unreadable or does not fit its architecture.
         ConfigError: an unknown backend, or PyTorch asked to run an ONNX file.
     """
-    from .onnx_backend import OnnxNetwork, graph_for_weights
-
     backend = resolve_backend(weights, backend, device)
     if weights.suffix.lower() == ".onnx":
         if not weights.is_file():

@@ -1,20 +1,20 @@
 """ONNX export and the ONNX Runtime backend: the same network, without PyTorch at serving time.
 
 The exported graph takes what the classifier's preprocessing produces, grey ``uint8`` pixels of
-shape (batch, S, S), and applies the weights' own preprocessing (``transforms.Preprocessing``:
+shape (batch, S, S), and applies the weights' own preprocessing (``data.transforms.Preprocessing``:
 smoothing, standardisation) inside the graph, so a deployer needs no Python preprocessing beyond
 decoding and resizing. It returns the logits and the 1280-d pooled features
 (the out-of-distribution guard's input). The batch dimension is dynamic.
 
-Everything else the classifier needs travels in the ONNX file's ``metadata_props``: the weights
-file's metadata (class order, size, temperature, threshold, metrics) under ``braintumor`` and the
-guard's subspace under ``braintumor_ood``. An exported file is therefore a complete model.
+Everything else the classifier needs travels in the ONNX file's ``metadata_props``: the model's
+spec (``spec.ModelSpec``: class order, preprocessing, Grad-CAM layer, calibration, metrics) under
+``braintumor`` and the guard's subspace under ``braintumor_ood``. An exported file is therefore a
+complete model.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import hashlib
 import json
@@ -35,7 +35,7 @@ from .ood import OODGuard
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
-    from .network import TorchNetwork
+    from .network import TorchNetwork  # for annotations only: this module never imports network
 
 METADATA_KEY = "braintumor"
 GUARD_KEY = "braintumor_ood"
@@ -127,10 +127,10 @@ def export_onnx(network: TorchNetwork, out: str | Path, source: str = "weights")
     Raises:
         CheckpointError: ``out`` cannot be written.
     """
-    return _save(export_model_proto(network, source), Path(out))
+    return save_proto(export_model_proto(network, source), Path(out))
 
 
-def _save(proto, out: Path) -> Path:
+def save_proto(proto, out: Path) -> Path:
     import onnx
 
     try:
@@ -146,48 +146,6 @@ def _save(proto, out: Path) -> Path:
 def source_of(weights: Path) -> str:
     """What an exported graph records as its origin: the weights' name and full SHA-256."""
     return f"{weights.name} sha256:{weights_digest(weights)}"
-
-
-def cache_dir() -> Path:
-    """Where graphs exported from ``.safetensors`` files are kept: ``$BRAINTUMOR_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/braintumor``, else ``~/.cache/braintumor``."""
-    if os.environ.get("BRAINTUMOR_CACHE_DIR"):
-        return Path(os.environ["BRAINTUMOR_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "braintumor"
-
-
-def graph_for_weights(weights: Path) -> OnnxNetwork:
-    """The ONNX Runtime network of a ``.safetensors`` file, without exporting at every start: the
-    graph beside the file (``name.onnx``, as the shipped model has) or in ``cache_dir()`` when it
-    records these exact weights; otherwise exported now (a few seconds, once), checked against
-    PyTorch on probe images, and cached.
-
-    Raises:
-        CheckpointError: the weights cannot be loaded, or the exported graph disagrees with PyTorch.
-    """
-    from .. import __version__
-    from .network import load_torch_network
-
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file not found")
-    source = source_of(weights)
-    cached = cache_dir() / "onnx" / f"{source.rsplit(':', 1)[1][:32]}-{__version__}.onnx"
-    for candidate in (weights.with_suffix(".onnx"), cached):
-        if candidate.is_file():
-            try:
-                network = OnnxNetwork(candidate, str(weights))
-            except CheckpointError:
-                continue  # a damaged cache entry is replaced below
-            if network.exported_from == source:
-                return network
-    reference = load_torch_network(weights, device="cpu")
-    proto = export_model_proto(reference, source)
-    network = OnnxNetwork(proto.SerializeToString(), str(weights))
-    check_parity(reference, network, str(weights))
-    with contextlib.suppress(CheckpointError):  # an unwritable cache costs an export at the next start
-        _save(proto, cached)
-    return network
 
 
 def probe_pixels(size: int, count: int = 6, seed: int = 0) -> torch.Tensor:

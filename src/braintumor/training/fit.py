@@ -43,6 +43,7 @@ from ..evaluation.plots import plot_learning_curves
 from ..models.checkpoint import load_training_state, save_training_state, save_weights
 from ..models.registry import create_model
 from ..models.runtime import Runtime, select_runtime
+from ..models.spec import ModelSpec
 from .config import TrainConfig
 from .distributed import convert_batch_norm, init_distributed
 from .engine import TrainingStep, evaluate, train_one_epoch
@@ -123,12 +124,12 @@ def validate_epoch(
 
 
 def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: dict[str, float]) -> dict[str, Any]:
-    """What travels inside best.safetensors so the weights explain themselves."""
+    """What travels inside best.safetensors so the weights explain themselves: the model's spec
+    (``ModelSpec``, the same object every inference path reads back) plus the record of the run."""
     recipe = {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "cache_dir", "resume", "workers")}
+    spec = ModelSpec(class_names=tuple(CLASS_NAMES), preprocessing=preprocessing_of(config))
     return {
-        "model": "efficientnet_b0",
-        "class_names": list(CLASS_NAMES),
-        **preprocessing_of(config).to_metadata(),
+        **spec.to_metadata(),
         "preprocessing": "greyscale, bilinear resize to image_size x image_size, grey repeated to 3 channels, "
         + (f"Gaussian blur sigma {config.smoothing} px, " if config.smoothing else "")
         + ("head pixels z-scored per image" if config.standardise == "head" else "ImageNet mean/std"),
