@@ -102,7 +102,7 @@ def test_colour_rule_spares_every_bundled_scan_and_catches_a_fundus_photo() -> N
 def test_dicom_header_refusals_say_what_the_header_says() -> None:
     from pydicom.dataset import Dataset
 
-    from braintumor.data.inputs import dicom_refusal
+    from braintumor.data.medical import dicom_refusal
 
     def header(**tags: object) -> Dataset:
         dataset = Dataset()

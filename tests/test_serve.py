@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from braintumor.cli import app as cli_app
 from braintumor.inference.predict import Classifier, load_model
 from braintumor.serving.app import ServiceLimits, create_app
+from braintumor.serving.security import AccessPolicy
 from conftest import EXAMPLES, live_server, write_dicom
 
 LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4)
@@ -188,7 +189,7 @@ def test_the_page_is_self_contained(client: TestClient) -> None:
     text = page.text
     assert "v1/explain" in text and 'name="viewport"' in text
     assert "http://" not in text and "https://" not in text and "@import" not in text  # no CDN, no web fonts
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page loads scripts from CDNs: off
     assert {"/v1/predict", "/v1/explain", "/v1/model", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
 
 
@@ -316,3 +317,46 @@ def test_the_batcher_threads_end_with_the_service(classifier: Classifier) -> Non
         threads = list(app.state.batcher._threads)
         assert threads and all(t.is_alive() for t in threads)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_explain_takes_exactly_one_file(client: TestClient) -> None:
+    response = client.post("/v1/explain", files=[_upload(SCANS[0], "file"), _upload(SCANS[1], "file")])
+    assert response.status_code == 422 and "exactly one scan" in response.json()["error"]
+
+
+def test_api_key_origin_policy_and_security_headers(classifier: Classifier) -> None:
+    policy = AccessPolicy(api_key="s3cret", allowed_origins=("https://viewer.example",))
+    client = TestClient(create_app(classifier, LIMITS, policy=policy))
+    assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+    missing = client.get("/v1/model")
+    assert missing.status_code == 401 and "API key" in missing.json()["error"]
+    assert client.get("/v1/model", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    key = {"X-API-Key": "s3cret"}
+    foreign = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "https://evil.example"})
+    assert foreign.status_code == 403 and "evil.example" in foreign.json()["error"]
+    allowed = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "https://viewer.example"})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://viewer.example"
+    same = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "http://testserver"})
+    assert same.status_code == 200
+    page = client.get("/")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff" and missing.headers["x-frame-options"] == "DENY"
+
+
+def test_a_slow_body_is_cut_off_and_the_server_goes_on(classifier: Classifier) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    app = create_app(classifier, LIMITS, policy=AccessPolicy(body_timeout=1.0))
+    with live_server(app) as url:
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
+            raw.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 5000\r\n\r\n--b\r\n"
+            )
+            answer = raw.recv(4096).decode("latin-1")  # waits for the server: no more body is sent
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
+        assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}

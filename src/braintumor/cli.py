@@ -471,10 +471,18 @@ def serve(
     workers: int = typer.Option(
         1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."
     ),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="BRAINTUMOR_API_KEY", help="Require this key (X-API-Key or Authorization: Bearer) on /v1/."
+    ),
+    allow_origin: list[str] = typer.Option(
+        [], "--allow-origin", help="A web origin (https://host) whose pages may call the service; repeatable."
+    ),
+    max_connections: int = typer.Option(64, min=1, help="Connections served at once; more get 503."),
 ) -> None:
-    """HTTP service and web page: /, /docs, /healthz, /v1/model, /v1/predict, /v1/explain."""
+    """HTTP service and web page: /, /healthz, /openapi.json, /v1/model, /v1/predict, /v1/explain."""
     from .inference.predict import load_model
     from .serving.app import ServiceLimits, create_app
+    from .serving.security import AccessPolicy
 
     _setup_logging()
     _check_can_listen(host, port)  # before the model loads: a busy port should fail at once
@@ -487,7 +495,11 @@ def serve(
     limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files)
     typer.echo(f"serving {classifier.weights_path} ({classifier.backend}) on http://{host}:{port}/", err=True)
     try:
-        uvicorn.run(create_app(classifier, limits, workers), host=host, port=port, log_level="info")
+        policy = AccessPolicy(api_key=api_key or None, allowed_origins=tuple(allow_origin))
+        uvicorn.run(
+            create_app(classifier, limits, workers, policy), host=host, port=port, log_level="info",
+            limit_concurrency=max_connections, timeout_keep_alive=5, server_header=False,
+        )
     except OSError as exc:  # uvicorn logs bind failures and exits; other socket errors land here
         _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc})")
 

@@ -36,5 +36,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # Entries that file managers and notebooks leave in data folders; never data, never an error.
 JUNK_NAMES: frozenset[str] = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints", "__MACOSX"})
 
-# A cap on decoded pixels: larger files are refused as possible decompression bombs.
-MAX_IMAGE_PIXELS: int = 64_000_000
+# A cap on the pixels of one decoded image or slice (4096 x 4096; clinical MRI is at most 1024 x 1024):
+# larger files are refused before decoding, as possible decompression bombs.
+MAX_IMAGE_PIXELS: int = 4096 * 4096

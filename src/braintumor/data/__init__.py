@@ -2,6 +2,7 @@
 
 - ``inputs``: what a user points the tool at (images, DICOM, NIfTI, folders, globs, bytes) to slices;
 - ``imaging``: decoding and resizing to grey ``uint8``;
+- ``medical``: DICOM and NIfTI to slices, within a budget per input checked before decoding;
 - ``datasets``: the Kaggle folders, class discovery and the leak-free split;
 - ``cache``: decoded images kept on disk between runs;
 - ``duplicates``: perceptual hashes and near-duplicate groups;

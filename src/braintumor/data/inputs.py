@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES, MAX_IMAGE_PIXELS
+from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES
 from ..errors import InvalidImageError, UnsupportedFileType
 from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
+from .medical import dicom_frames, nifti_slices
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 SUPPORTED_TYPES = "send JPEG, PNG, BMP, TIFF, WebP, DICOM or NIfTI"
@@ -41,6 +42,7 @@ class Slice:
     volume: bool = False  # True for the slices of a 3-D NIfTI volume
     colour_share: float = 0.0  # share of coloured pixels before the grey conversion (imaging.colour_share)
     header_refusal: str | None = None  # why the file's own header says it is no brain MRI (dicom_refusal)
+    note: str | None = None  # something reading changed that the user should know (NaN voxels left out)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -89,111 +91,6 @@ def expand_inputs(arguments: list[str | Path]) -> list[Path]:
         else:
             files.append(path)  # a missing or unreadable file is reported when it is read
     return files
-
-
-def _window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.clip((values - low) * (255.0 / (high - low)), 0, 255).round().astype(np.uint8)
-
-
-# DICOM modalities that may hold an MRI slice: MR itself, and the catch-alls for other and secondary
-# capture (screenshots, converted files). Any other (CT, CR, DX, US, NM, PT, SEG, RTDOSE...) is not MRI.
-MRI_MODALITIES = frozenset({"MR", "OT", "SC"})
-HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREB")
-MIN_FIELD_OF_VIEW_MM = 100.0  # a whole adult brain slice needs about 150-250 mm
-
-
-def dicom_refusal(dataset: Any) -> str | None:
-    """Why a DICOM file's header says it is not a whole brain MRI slice (None: it does not say
-    so). Only what the header states is used; a missing tag refuses nothing."""
-    modality = str(dataset.get("Modality", "") or "").strip().upper()
-    if modality and modality not in MRI_MODALITIES:
-        return f"not MRI: its DICOM header says modality {modality}"
-    body_part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
-    if body_part and not any(word in body_part for word in HEAD_WORDS):
-        return f"not the head: its DICOM header says body part {body_part}"
-    try:
-        row_mm, column_mm = (float(v) for v in dataset.get("PixelSpacing") or ())
-        height, width = int(dataset.Rows) * row_mm, int(dataset.Columns) * column_mm
-    except (TypeError, ValueError, AttributeError):
-        return None
-    if 0 < max(height, width) < MIN_FIELD_OF_VIEW_MM:
-        return (
-            f"too small for a whole brain slice: its DICOM header gives a {width:.0f} x {height:.0f} mm field of view"
-        )
-    return None
-
-
-def _dicom_frames(source: Path | bytes, label: str) -> tuple[list[np.ndarray], list[float], str | None]:
-    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``) of a
-    DICOM file or its bytes (``label`` names it in errors)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"{label}: not a readable DICOM file ({exc})") from None
-    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
-        raise InvalidImageError(f"{label}: DICOM file has no pixel data")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    if rows * columns > MAX_IMAGE_PIXELS:
-        raise InvalidImageError(f"{label}: {columns}x{rows} pixels exceeds the cap of {MAX_IMAGE_PIXELS:,}")
-    try:
-        array = dataset.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for codecs it lacks
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        detail = f"transfer syntax {syntax.name if syntax else 'unknown'} is not supported" if syntax else str(exc)
-        raise InvalidImageError(f"{label}: cannot decode DICOM pixels ({detail}: {type(exc).__name__})") from None
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
-    frames_count = int(dataset.get("NumberOfFrames", 1) or 1)
-    frames = array if frames_count > 1 else array[None]
-    results, colour = [], []
-    for frame in frames:
-        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or frame.ndim == 3:
-            rgb = frame.astype(np.uint8) if frame.dtype != np.uint8 else frame  # pydicom gives YBR as RGB
-            results.append(array_to_grey(rgb))
-            colour.append(colour_share(rgb))
-            continue
-        values = apply_modality_lut(frame, dataset).astype(np.float64)
-        if "WindowCenter" in dataset and "WindowWidth" in dataset:
-            values = apply_voi_lut(values, dataset, index=0).astype(np.float64)
-        grey = _window_to_uint8(values, float(values.min()), float(values.max()))
-        results.append(255 - grey if photometric == "MONOCHROME1" else grey)
-        colour.append(0.0)
-    return results, colour, dicom_refusal(dataset)
-
-
-def _nifti_slices(source: Path | bytes, label: str) -> tuple[list[np.ndarray], bool]:
-    """Grey slices of a NIfTI file or its bytes (gzip-compressed or not), and whether it is a volume."""
-    import gzip
-
-    import nibabel as nib
-
-    try:
-        if isinstance(source, bytes):
-            raw = gzip.decompress(source) if source[:2] == b"\x1f\x8b" else source
-            image = nib.Nifti1Image.from_bytes(raw)
-        else:
-            image = nib.load(str(source))
-        image = nib.as_closest_canonical(image) if len(image.shape) >= 3 else image
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
-        raise InvalidImageError(f"{label}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    data = np.squeeze(data)
-    if data.ndim == 2:
-        low, high = np.percentile(data, [0.5, 99.5])
-        return [np.flipud(_window_to_uint8(data, float(low), float(high)).T)], False
-    if data.ndim != 3:
-        raise InvalidImageError(f"{label}: NIfTI image has {data.ndim} dimensions; expected a 2-D slice or 3-D volume")
-    if data.shape[0] * data.shape[1] > MAX_IMAGE_PIXELS:
-        raise InvalidImageError(f"{label}: slices of {data.shape[0]}x{data.shape[1]} exceed the pixel cap")
-    # One intensity window for the whole volume keeps slices comparable; the canonical (RAS+)
-    # orientation puts the axial axis last, and the transpose shows anterior at the top.
-    low, high = np.percentile(data, [0.5, 99.5])
-    return [np.flipud(_window_to_uint8(data[:, :, k], float(low), float(high)).T) for k in range(data.shape[2])], True
 
 
 def _looks_like_nifti(name: str, head: bytes) -> bool:
@@ -251,14 +148,32 @@ def scan_kind(source: str | Path | bytes, name: str | None = None) -> str | None
 
 def read_scan(source: str | Path | bytes, name: str | None = None) -> list[Slice]:
     """Every 2-D slice of one file, or of a file's bytes called ``name`` (an upload: nothing is
-    written to disk), named for reports.
+    written to disk), named for reports. The one place where any reading failure, a decoder's own
+    exception included, becomes an ``InvalidImageError`` of one line that names the input.
 
     Raises:
-        InvalidImageError: the file is unreadable, empty, of an unknown type or damaged.
+        InvalidImageError: the file is unreadable, empty, of an unknown type, damaged, or over the
+            budget per input (``medical.MAX_INPUT_VOXELS``, ``MAX_INFLATED_BYTES``).
     """
+    label = (name or "<bytes>") if isinstance(source, bytes) else str(source)
+    try:
+        return _read_scan(source, label)
+    except InvalidImageError as exc:
+        raise type(exc)(_one_line(str(exc))) from None
+    except MemoryError:
+        raise InvalidImageError(f"{label}: too large to decode in this process's memory") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder's own failure on a damaged or hostile file
+        raise InvalidImageError(_one_line(f"{label}: cannot read ({type(exc).__name__}: {exc})")) from None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _read_scan(source: str | Path | bytes, label: str) -> list[Slice]:
     origin: Path | bytes
     if isinstance(source, bytes):
-        origin, label = source, name or "<bytes>"
+        origin = source
         if not source:
             raise InvalidImageError(f"{label}: file is empty")
         kind = scan_kind(source, label)
@@ -266,16 +181,15 @@ def read_scan(source: str | Path | bytes, name: str | None = None) -> list[Slice
             raise UnsupportedFileType(f"{label}: unsupported file type ({SUPPORTED_TYPES})")
     else:
         origin = Path(source)
-        label = str(origin)
         _check_readable(origin)
         kind = "nifti" if _is_nifti(origin) else "dicom" if _is_dicom_path(origin) else "image"
     if kind == "nifti":
-        slices, volume = _nifti_slices(origin, label)
+        slices, volume, note = nifti_slices(origin, label)
         if not volume:
-            return [Slice(label, slices[0], label)]
-        return [Slice(f"{label}#slice={k}", pixels, label, k, True) for k, pixels in enumerate(slices)]
+            return [Slice(label, slices[0], label, note=note)]
+        return [Slice(f"{label}#slice={k}", pixels, label, k, True, note=note) for k, pixels in enumerate(slices)]
     if kind == "dicom":
-        frames, colour, refusal = _dicom_frames(origin, label)
+        frames, colour, refusal = dicom_frames(origin, label)
         if len(frames) == 1:
             return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal)]
         return [

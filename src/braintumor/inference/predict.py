@@ -183,7 +183,7 @@ class Classifier:
     def _refusals(self, slices: list[Slice], by_features: np.ndarray | None) -> list[str | None]:
         """Why each slice is not a brain MRI (None: it may be one), from the guard's verdicts on
         the features, the colour rule (``ood.colour_rejects``: the features only ever see the
-        grey version of an input) and a DICOM header's own word (``inputs.dicom_refusal``).
+        grey version of an input) and a DICOM header's own word (``data.medical.dicom_refusal``).
         All None when the model has no guard."""
         if by_features is None:
             return [None] * len(slices)
@@ -215,6 +215,7 @@ class Classifier:
             outside_validated_range=outside,
             outside_validated_range_reason=reason,
             file=item.path if item.volume else None,
+            note=item.note,
         )
 
     def _outside_range(self, assessment: Assessment, k: int, rejected: bool) -> tuple[bool | None, str | None]:

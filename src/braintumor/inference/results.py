@@ -35,6 +35,7 @@ class Prediction:
     outside_validated_range: bool | None = None
     outside_validated_range_reason: str | None = None
     file: str | None = None  # the file a slice of a volume came from (groups a volume's slices)
+    note: str | None = None  # what reading changed that the user should know (NaN voxels left out)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
@@ -49,6 +50,8 @@ class Prediction:
             result["outside_validated_range_reason"] = self.outside_validated_range_reason
         if self.index is not None:
             result["index"] = self.index
+        if self.note is not None:
+            result["note"] = self.note
         if self.error is not None:
             result["error"] = self.error
         return result

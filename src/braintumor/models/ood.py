@@ -21,7 +21,7 @@ the network: a picture with more than ``COLOUR_LIMIT`` of its pixels in colour i
 slice. No file of the data set comes near it (at most 5.2% coloured pixels, JPEG chroma noise),
 while colour photos score 24-95%; it catches a colour fundus photograph whose features the
 subspace explains well enough to pass (docs/ood/README.md). A DICOM file is also refused when
-its own header says it is not a whole brain MRI slice (``inputs.dicom_refusal``: another
+its own header says it is not a whole brain MRI slice (``data.medical.dicom_refusal``: another
 modality, another body part, or a field of view too small for a head).
 """
 
@@ -44,7 +44,7 @@ def colour_rejects(colour_shares: np.ndarray) -> np.ndarray:
 
 def refusal_reason(by_features: bool, by_colour: bool, by_header: str | None = None) -> str | None:
     """The words shown with ``not_brain_mri`` (None when no rule refused the input).
-    ``by_header``: what a DICOM header says against the input (``inputs.dicom_refusal``)."""
+    ``by_header``: what a DICOM header says against the input (``data.medical.dicom_refusal``)."""
     reasons = [by_header] if by_header else []
     if by_colour:
         reasons.append("a colour picture (MRI slices are grey)")

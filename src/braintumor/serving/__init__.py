@@ -1,2 +1,2 @@
-"""The HTTP service: the FastAPI app (``app``), dynamic batching (``batcher``) and the page in
-``static/``."""
+"""The HTTP service: the FastAPI app (``app``), dynamic batching (``batcher``), the API key, origin
+policy and security headers (``security``) and the page in ``static/``."""

@@ -45,6 +45,7 @@ from ..inference.explain import METHODS, overlay
 from ..inference.predict import DEFAULT_CAM_METHOD, Classifier
 from ..inference.results import Prediction, prediction_objects
 from .batcher import PredictionBatcher
+from .security import AccessGuard, AccessPolicy
 
 CHUNK = 1 << 20
 
@@ -176,8 +177,14 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def create_app(classifier: Classifier, limits: ServiceLimits | None = None, workers: int = 1) -> FastAPI:
-    """The service around an already loaded classifier (load once, serve many requests)."""
+def create_app(
+    classifier: Classifier,
+    limits: ServiceLimits | None = None,
+    workers: int = 1,
+    policy: AccessPolicy | None = None,
+) -> FastAPI:
+    """The service around an already loaded classifier (load once, serve many requests).
+    ``policy``: API key, allowed origins and body deadline (default: no key, same origin only)."""
     limits = limits or ServiceLimits()
     batcher = PredictionBatcher(classifier, workers)
 
@@ -195,6 +202,8 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
         description="Brain MRI slice classification (glioma, meningioma, pituitary tumour, no tumour) with "
         "Grad-CAM explanations. Research and second-opinion use only; not a diagnostic device.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's /docs and /redoc load scripts from public CDNs; /openapi.json stays
+        redoc_url=None,
     )
     # Grad-CAM hooks the network while it runs, and a prediction passing through a hooked network
     # would feed its activations to the heat map. So explanations get their own copy of the
@@ -203,8 +212,9 @@ def create_app(classifier: Classifier, limits: ServiceLimits | None = None, work
     app.state.batcher = batcher
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+    app.add_middleware(AccessGuard, policy=policy or AccessPolicy())
     _add_pages(app, model_info(classifier))
-    _add_predict(app, batcher, limits, CapacityLimiter(workers))
+    _add_predict(app, batcher, limits, CapacityLimiter(max(2, workers)))
     _add_explain(app, app.state.explainer, limits)
     return app
 
@@ -274,6 +284,7 @@ def _add_explain(app: FastAPI, explainer: Classifier, limits: ServiceLimits) -> 
 
     @app.post("/v1/explain", response_model=None)
     async def explain(
+        request: Request,
         file: UploadFile = File(..., description="One scan."),
         format: str = Query("png", pattern="^(png|json)$", description="png: the figure; json: prediction and images."),
         method: str = Query(DEFAULT_CAM_METHOD, description=f"One of {', '.join(METHODS)}."),
@@ -284,6 +295,8 @@ def _add_explain(app: FastAPI, explainer: Classifier, limits: ServiceLimits) -> 
     ) -> Response:
         """Grad-CAM heat map of one scan (one slice of a volume or multi-frame DICOM)."""
         _check_explain_request(explainer, method, target)
+        if len((await request.form()).getlist("file")) != 1:
+            raise ServiceError(422, "send exactly one scan, as the multipart field 'file'")
         shown, data = await _receive(file, 0, limits)
         slices = await to_thread.run_sync(_read, shown, data, limiter=one_at_a_time)
         chosen = len(slices) // 2 if index is None else index

@@ -1,0 +1,256 @@
+"""DICOM and NIfTI files to grey slices, within one budget per input checked before decoding.
+
+A hostile or damaged file must cost at most a bounded amount of memory and time and end in a
+one-line reason, never a traceback: every size a header claims (rows, columns, frames, voxels) is
+checked against ``MAX_SLICE_PIXELS`` and ``MAX_INPUT_VOXELS`` before pixel data is decoded, and
+every compressed stream we inflate ourselves (gzip NIfTI uploads, deflated DICOM) is inflated no
+further than ``MAX_INFLATED_BYTES``. Header values that only affect display (a window of width 0,
+text where a number belongs) fall back to the slice's own range; values that change what the
+pixels mean (rescale slope and intercept) fail the file with the tag named.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..constants import MAX_IMAGE_PIXELS
+from ..errors import InvalidImageError
+from .imaging import array_to_grey, colour_share
+
+MAX_SLICE_PIXELS = MAX_IMAGE_PIXELS  # one slice or frame
+MAX_INPUT_VOXELS = 128 * 2**20  # all slices and frames of one input (512 x 512 x 512)
+MAX_INFLATED_BYTES = 1 << 30  # what one compressed input may inflate to
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+# pydicom logs a full traceback for every codec it lacks, and warns about every invalid header value
+# it meets; the reason that matters reaches the user in one line, with the file named.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def _quiet_pydicom() -> Any:
+    """pydicom, with its logger silenced (importing pydicom sets that logger's level, so this runs
+    after the import)."""
+    import pydicom
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    return pydicom
+
+# DICOM modalities that may hold an MRI slice: MR itself, and the catch-alls for other and secondary
+# capture (screenshots, converted files). Any other (CT, CR, DX, US, NM, PT, SEG, RTDOSE...) is not MRI.
+MRI_MODALITIES = frozenset({"MR", "OT", "SC"})
+HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREB")
+MIN_FIELD_OF_VIEW_MM = 100.0  # a whole adult brain slice needs about 150-250 mm
+
+
+def check_budget(label: str, slice_pixels: int, total: int) -> None:
+    """Refuse an input whose claimed size is over the budget, naming the limit."""
+    if slice_pixels > MAX_SLICE_PIXELS:
+        raise InvalidImageError(
+            f"{label}: a slice of {slice_pixels:,} pixels is over the limit of {MAX_SLICE_PIXELS:,}"
+        )
+    if total > MAX_INPUT_VOXELS:
+        raise InvalidImageError(
+            f"{label}: {total:,} pixels in all slices and frames is over the limit of {MAX_INPUT_VOXELS:,} per input"
+        )
+
+
+def inflate(data: bytes, label: str, wbits: int) -> bytes:
+    """``data`` decompressed (``wbits`` as zlib takes it: 31 gzip, -15 raw deflate), refusing it as
+    soon as the output passes ``MAX_INFLATED_BYTES``: nothing larger is ever held in memory."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, MAX_INFLATED_BYTES + 1)
+    except zlib.error as exc:
+        raise InvalidImageError(f"{label}: damaged compressed data ({exc})") from None
+    if len(out) > MAX_INFLATED_BYTES or inflater.unconsumed_tail:
+        limit = f"{MAX_INFLATED_BYTES >> 20} MiB" if MAX_INFLATED_BYTES >= 1 << 20 else f"{MAX_INFLATED_BYTES} bytes"
+        raise InvalidImageError(f"{label}: decompresses to more than the limit of {limit} per input")
+    return out
+
+
+def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not high > low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip((values - low) * (255.0 / (high - low)), 0, 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def dicom_refusal(dataset: Any) -> str | None:
+    """Why a DICOM file's header says it is not a whole brain MRI slice (None: it does not say
+    so). Only what the header states is used; a missing or unreadable tag refuses nothing."""
+    modality = str(dataset.get("Modality", "") or "").strip().upper()
+    if modality and modality not in MRI_MODALITIES:
+        return f"not MRI: its DICOM header says modality {modality}"
+    body_part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and not any(word in body_part for word in HEAD_WORDS):
+        return f"not the head: its DICOM header says body part {body_part}"
+    try:
+        row_mm, column_mm = (float(v) for v in dataset.get("PixelSpacing") or ())
+        height, width = int(dataset.Rows) * row_mm, int(dataset.Columns) * column_mm
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if 0 < max(height, width) < MIN_FIELD_OF_VIEW_MM:
+        return (
+            f"too small for a whole brain slice: its DICOM header gives a {width:.0f} x {height:.0f} mm field of view"
+        )
+    return None
+
+
+def _deflated_body(data: bytes) -> bytes | None:
+    """The compressed body of a Deflated Explicit VR Little Endian file (None for any other): the
+    file meta group, whose length its first element gives, names the transfer syntax."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    body_start = 144 + int.from_bytes(data[140:144], "little")
+    return data[body_start:] if DEFLATED_SYNTAX.encode() in data[132:body_start] else None
+
+
+def _read_dataset(source: Path | bytes, label: str) -> Any:
+    pydicom = _quiet_pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    data = source if isinstance(source, bytes) else source.read_bytes()
+    body = _deflated_body(data)
+    if body is not None:
+        inflate(body, label, -15)  # bounded: refuses a deflate bomb before pydicom inflates it all
+    try:
+        return pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, AttributeError, TypeError) as exc:
+        raise InvalidImageError(f"{label}: not a readable DICOM file ({exc})") from None
+
+
+def _header_int(dataset: Any, keyword: str, default: int, label: str) -> int:
+    try:
+        return int(dataset.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        raise InvalidImageError(f"{label}: DICOM header has an invalid {keyword} ({dataset.get(keyword)!r})") from None
+
+
+def _check_pixel_header(dataset: Any, label: str) -> int:
+    """The frame count, once the header's image size is sane and within the budget."""
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        raise InvalidImageError(f"{label}: DICOM file has no pixel data")
+    rows, columns = _header_int(dataset, "Rows", 0, label), _header_int(dataset, "Columns", 0, label)
+    frames = _header_int(dataset, "NumberOfFrames", 1, label)
+    samples = _header_int(dataset, "SamplesPerPixel", 1, label)
+    bits = _header_int(dataset, "BitsAllocated", 0, label)
+    for name, value in (("Rows", rows), ("Columns", columns), ("NumberOfFrames", frames)):
+        if value < 1:
+            raise InvalidImageError(f"{label}: DICOM header gives {name} = {value}")
+    if bits not in (1, 8, 16, 32, 64):
+        raise InvalidImageError(f"{label}: DICOM header gives BitsAllocated = {bits}")
+    check_budget(label, rows * columns, rows * columns * frames * max(samples, 1))
+    return frames
+
+
+def _pixel_array(dataset: Any, label: str) -> np.ndarray:
+    try:
+        return dataset.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for codecs it lacks and damage
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed:
+            reason = f"transfer syntax {syntax.name} cannot be decoded here ({type(exc).__name__})"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged pixel data'}"
+        raise InvalidImageError(f"{label}: cannot decode DICOM pixels ({reason})") from None
+
+
+def _grey_frame(frame: np.ndarray, dataset: Any, label: str) -> np.ndarray:
+    """One monochrome frame through the modality LUT (its failure fails the file: it changes what
+    the values mean) and the VOI window (its failure falls back to the frame's own range)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = np.asarray(apply_modality_lut(frame, dataset), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - bad RescaleSlope/Intercept or LUT values
+        slope, intercept = dataset.get("RescaleSlope"), dataset.get("RescaleIntercept")
+        raise InvalidImageError(
+            f"{label}: DICOM header has an invalid rescale (RescaleSlope {slope!r}, RescaleIntercept {intercept!r})"
+        ) from None
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        try:
+            windowed = np.asarray(apply_voi_lut(values, dataset, index=0), dtype=np.float64)
+            if np.isfinite(windowed).all() and windowed.max() > windowed.min():
+                values = windowed
+        except Exception:  # noqa: BLE001 - a display setting we cannot apply; the values themselves are fine
+            pass
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        raise InvalidImageError(f"{label}: DICOM pixels hold no finite value")
+    grey = window_to_uint8(np.nan_to_num(values, nan=finite.min()), float(finite.min()), float(finite.max()))
+    return 255 - grey if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1" else grey
+
+
+def dicom_frames(source: Path | bytes, label: str) -> tuple[list[np.ndarray], list[float], str | None]:
+    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``) of a
+    DICOM file or its bytes (``label`` names it in errors)."""
+    dataset = _read_dataset(source, label)
+    frames_count = _check_pixel_header(dataset, label)
+    array = _pixel_array(dataset, label)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    frames = array if frames_count > 1 else array[None]
+    results, colour = [], []
+    for frame in frames:
+        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or frame.ndim == 3:
+            rgb = frame.astype(np.uint8) if frame.dtype != np.uint8 else frame  # pydicom gives YBR as RGB
+            results.append(array_to_grey(rgb))
+            colour.append(colour_share(rgb))
+        else:
+            results.append(_grey_frame(frame, dataset, label))
+            colour.append(0.0)
+    return results, colour, dicom_refusal(dataset)
+
+
+# ---------------------------------------------------------------- NIfTI
+
+
+def _nifti_image(source: Path | bytes, label: str) -> Any:
+    import nibabel as nib
+
+    try:
+        if isinstance(source, bytes):
+            raw = inflate(source, label, 31) if source[:2] == b"\x1f\x8b" else source
+            return nib.Nifti1Image.from_bytes(raw)
+        return nib.load(str(source))
+    except InvalidImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
+        raise InvalidImageError(f"{label}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+def nifti_slices(source: Path | bytes, label: str) -> tuple[list[np.ndarray], bool, str | None]:
+    """Grey slices of a NIfTI file or its bytes (gzip-compressed or not), whether it is a volume,
+    and a note when non-finite voxels were left out of the intensity window."""
+    import nibabel as nib
+
+    image = _nifti_image(source, label)
+    shape = tuple(int(n) for n in image.shape if int(n) != 1)  # from the header: nothing read yet
+    if len(shape) not in (2, 3):
+        raise InvalidImageError(f"{label}: NIfTI image has {len(shape)} dimensions; expected a 2-D slice or 3-D volume")
+    check_budget(label, shape[0] * shape[1], int(np.prod(shape)))
+    try:
+        image = nib.as_closest_canonical(image) if len(image.shape) >= 3 else image
+        data = np.squeeze(np.asarray(image.dataobj, dtype=np.float32))
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged data
+        raise InvalidImageError(f"{label}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InvalidImageError(f"{label}: NIfTI image holds no finite voxel")
+    bad = int(data.size - finite.sum())
+    note = f"{bad:,} NaN or infinite voxels left out of the intensity window (shown as background)" if bad else None
+    # One intensity window for the whole volume keeps slices comparable; non-finite voxels are left out.
+    low, high = (float(v) for v in np.percentile(data[finite], [0.5, 99.5]))
+    data = np.where(finite, data, low)
+    if data.ndim == 2:
+        return [np.flipud(window_to_uint8(data, low, high).T)], False, note
+    # The canonical (RAS+) orientation puts the axial axis last; the transpose shows anterior at the top.
+    return [np.flipud(window_to_uint8(data[:, :, k], low, high).T) for k in range(data.shape[2])], True, note
