@@ -6,6 +6,7 @@ import base64
 import copy
 import io
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -360,3 +361,31 @@ def test_a_slow_body_is_cut_off_and_the_server_goes_on(classifier: Classifier) -
             answer = raw.recv(4096).decode("latin-1")  # waits for the server: no more body is sent
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
         assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_large_request_does_not_hold_back_a_small_one() -> None:
+    """A whole volume is served a batch at a time beside other requests: a one-scan request that
+    arrives behind it goes into the next batch, not after the volume."""
+    from braintumor.data.inputs import Slice
+    from braintumor.serving.batcher import PredictionBatcher
+
+    batches: list[list[str]] = []
+    started = threading.Event()
+
+    class Spy:
+        def predict_slices(self, slices: list, batch_size: int = 64) -> list:
+            batches.append([s.source for s in slices])
+            started.set()
+            time.sleep(0.05)
+            return [s.source for s in slices]
+
+    batcher = PredictionBatcher(Spy(), workers=1, max_batch=8)  # type: ignore[arg-type]
+    pixels = np.zeros((4, 4), np.uint8)
+    volume = batcher.submit([Slice(f"vol#{k}", pixels, "vol") for k in range(64)])
+    started.wait(5)
+    scan = batcher.submit([Slice("scan", pixels, "scan")])
+    assert scan.result(5) == ["scan"] and not volume.done()
+    assert any("scan" in batch for batch in batches[1:3])
+    assert volume.result(10) == [f"vol#{k}" for k in range(64)]
+    assert sum(len(b) for b in batches) == 65 and max(len(b) for b in batches) <= 8
+    batcher.stop()
