@@ -75,8 +75,9 @@ def test_predict_json_csv_and_exit_code_1(tiny_weights: Path, mixed_folder: Path
         app, ["predict", str(mixed_folder), "--weights", str(tiny_weights), "--json", "--csv", str(csv_path)]
     )
     assert result.exit_code == 1
-    objects = json.loads(result.stdout)
-    assert len(objects) == 6
+    everything = json.loads(result.stdout)
+    objects = [o for o in everything if o.get("kind") != "series"]  # one per slice, then the series
+    assert len(objects) == 6 and [o["path"] for o in everything[6:]] == [str(mixed_folder / "c.dcm")]
     good = [o for o in objects if "error" not in o]
     assert len(good) == 4 and all({"path", "label", "confidence", "probabilities"} <= set(o) for o in good)
     rows = list(csv.DictReader(csv_path.open()))
@@ -111,22 +112,44 @@ def test_nifti_volume_has_slice_results_and_a_summary(tiny_weights: Path, tmp_pa
     nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
     result = runner.invoke(app, ["predict", str(path), "--weights", str(tiny_weights), "--json"])
     objects = json.loads(result.stdout)
-    slices = [o for o in objects if o.get("kind") != "volume"]
-    [summary] = [o for o in objects if o.get("kind") == "volume"]
+    slices = [o for o in objects if o.get("kind") != "series"]
+    [summary] = [o for o in objects if o.get("kind") == "series"]
     assert [o["index"] for o in slices] == list(range(6))
-    assert summary["summary"]["n_slices"] == 6 and summary["label"] in NAMES
+    assert summary["summary"]["n_slices"] == 6 and summary["reason"]
+    assert summary["label"] in (*NAMES, "not_brain_mri", "indeterminate")
     assert sum(len(v["slices"]) for v in summary["summary"]["classes"].values()) == 6
 
 
-def test_volume_summary_prefers_a_confident_tumour_slice() -> None:
+def _series(*labels: str, uncertain: tuple[int, ...] = (), refused: tuple[int, ...] = ()) -> list:
     from braintumor.inference.predict import Prediction
 
-    slices = [
-        Prediction("v.nii#slice=0", "notumor", 0.99, index=0),
-        Prediction("v.nii#slice=1", "glioma", 0.9, index=1),
+    return [
+        Prediction(f"v.nii#slice={k}", "not_brain_mri" if k in refused else label, 0.99, index=k, volume=True,
+                   uncertain=k in uncertain, not_brain_mri=k in refused, outside_validated_range=False)
+        for k, label in enumerate(labels)
     ]
+
+
+@pytest.mark.parametrize(
+    ("slices", "label", "reason"),
+    [
+        (_series("notumor", "glioma", "glioma", "notumor"), "glioma", "glioma on 2 adjacent confident slices (1, 2)"),
+        (_series("notumor", "glioma", "notumor", "glioma"), "indeterminate", "without a confident neighbour (1, 3)"),
+        (_series("notumor", "glioma", "glioma", uncertain=(2,)), "indeterminate", "without a confident neighbour (1)"),
+        (_series("notumor", "notumor", "notumor"), "notumor", "no tumour on 3 of 3 slices"),
+        (_series("notumor", "notumor", "notumor", refused=(0, 1)), "not_brain_mri", "2 of 3 slices are not brain MRI"),
+        (_series("notumor", "notumor", "glioma", uncertain=(0, 1, 2)), "indeterminate", "too few confident slices"),
+        (_series("meningioma", "meningioma", "glioma", "glioma", "glioma"), "glioma", "glioma on 3 adjacent"),
+    ],
+)
+def test_a_series_verdict_never_says_more_than_its_slices(slices: list, label: str, reason: str) -> None:
     summary = summarize_volume(slices)
-    assert summary["label"] == "glioma" and summary["classes"]["glioma"]["slices"] == [1]
+    assert summary["label"] == label and reason in summary["reason"]
+
+
+def test_an_all_refused_volume_is_not_called_notumor() -> None:
+    summary = summarize_volume(_series(*["notumor"] * 25, refused=tuple(range(25))))
+    assert summary["label"] == "not_brain_mri" and summary["refused"] == 25
 
 
 def test_memory_stays_flat_as_the_number_of_files_grows(tiny_weights: Path, tmp_path: Path) -> None:

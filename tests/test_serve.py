@@ -91,8 +91,10 @@ def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_pa
     objects = response.json()
     assert [o["path"] for o in objects[:2]] == ["series.dcm#frame=0", "series.dcm#frame=1"]
     assert [o["index"] for o in objects[2:7]] == list(range(5))
-    [summary] = [o for o in objects if o.get("kind") == "volume"]
+    [summary] = [o for o in objects if o.get("kind") == "series" and o["path"].endswith(".nii.gz")]
     assert summary["path"] == "head.nii.gz" and summary["summary"]["n_slices"] == 5
+    [frames] = [o for o in objects if o.get("kind") == "series" and o["path"] == "series.dcm"]
+    assert frames["summary"]["n_slices"] == 2 and frames["reason"]  # a multi-frame file gets a verdict too
 
 
 def _truncated_jpeg() -> bytes:

@@ -332,7 +332,7 @@ def _echo_volumes(volumes: VolumeCollector, json_output: bool, first: bool) -> N
         parts = [
             f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()
         ]
-        typer.echo(f"volume {summary['path']}: {summary['label']} - " + "; ".join(parts))
+        typer.echo(f"series {summary['path']}: {summary['label']} ({summary['reason']}) - " + "; ".join(parts))
 
 
 @app.command()

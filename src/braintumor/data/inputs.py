@@ -39,7 +39,7 @@ class Slice:
     pixels: np.ndarray  # (H, W) uint8
     path: str
     index: int | None = None  # frame or slice number, None for single images
-    volume: bool = False  # True for the slices of a 3-D NIfTI volume
+    volume: bool = False  # True for the slices of a 3-D NIfTI volume or the frames of a multi-frame DICOM
     colour_share: float = 0.0  # share of coloured pixels before the grey conversion (imaging.colour_share)
     header_refusal: str | None = None  # why the file's own header says it is no brain MRI (dicom_refusal)
     note: str | None = None  # something reading changed that the user should know (NaN voxels left out)
@@ -193,7 +193,7 @@ def _read_scan(source: str | Path | bytes, label: str) -> list[Slice]:
         if len(frames) == 1:
             return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal)]
         return [
-            Slice(f"{label}#frame={k}", pixels, label, k, colour_share=colour[k], header_refusal=refusal)
+            Slice(f"{label}#frame={k}", pixels, label, k, True, colour_share=colour[k], header_refusal=refusal)
             for k, pixels in enumerate(frames)
         ]
     pixels, colour = decode_image_and_colour(origin, label)

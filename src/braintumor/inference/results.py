@@ -57,38 +57,102 @@ class Prediction:
         return result
 
 
+MIN_ADJACENT = 2  # confident slices in a row that a tumour verdict needs
+
+
+def _is_confident(prediction: Prediction) -> bool:
+    """Read, and with none of the flags that say the answer may be wrong."""
+    return bool(prediction.label) and not prediction.not_brain_mri and not prediction.error and (
+        prediction.uncertain is not True and prediction.outside_validated_range is not True
+    )
+
+
+def _longest_runs(ordered: list[Prediction]) -> dict[str, list[Prediction]]:
+    """For each class, its longest run of adjacent confident slices (in slice order)."""
+    best: dict[str, list[Prediction]] = {}
+    run: list[Prediction] = []
+    for prediction in [*ordered, None]:
+        if run and (prediction is None or not _is_confident(prediction) or prediction.label != run[0].label):
+            if len(run) > len(best.get(run[0].label, [])):
+                best[run[0].label] = run
+            run = []
+        if prediction is not None and _is_confident(prediction):
+            run.append(prediction)
+    return best
+
+
+def series_verdict(ordered: list[Prediction]) -> tuple[str, str, list[Prediction]]:
+    """(label, reason, key slices) of a series' slices in order, by rules that cannot call a series
+    what its slices do not show (README, "Series verdicts"):
+
+    1. most slices refused as not brain MRI -> ``not_brain_mri``;
+    2. a tumour class on at least ``MIN_ADJACENT`` adjacent confident slices -> that class (the
+       longest such run; the key slices are that run);
+    3. a confident tumour slice without a confident neighbour of its class -> ``indeterminate``;
+    4. confident ``notumor`` on at least half of the slices read (and at least two) -> ``notumor``;
+    5. otherwise ``indeterminate``, with the reason.
+    Confident: read, not refused, not uncertain, not outside the validated range."""
+    n = len(ordered)
+    refused = sum(1 for p in ordered if p.not_brain_mri)
+    read = [p for p in ordered if p.label and not p.not_brain_mri and not p.error]
+    if refused * 2 > n:
+        return NOT_BRAIN_MRI, f"{refused} of {n} slices are not brain MRI", []
+    runs = _longest_runs(ordered)
+    tumours = {c: r for c, r in runs.items() if c != "notumor"}
+    if tumours:
+        label, run = max(tumours.items(), key=lambda item: (len(item[1]), max(p.confidence or 0 for p in item[1])))
+        if len(run) >= MIN_ADJACENT:
+            return label, f"{label} on {len(run)} adjacent confident slices ({_names(run)})", run
+        lone = [p for p in ordered if _is_confident(p) and p.label != "notumor"]
+        reason = f"confident tumour slice(s) without a confident neighbour ({_names(lone)}): read them"
+        return "indeterminate", reason, lone
+    normal = sum(1 for p in ordered if p.label == "notumor" and _is_confident(p))
+    if normal >= MIN_ADJACENT and normal * 2 >= len(read):
+        return "notumor", f"no tumour on {normal} of {len(read)} slices read confidently", []
+    confident = sum(1 for p in ordered if _is_confident(p))
+    return "indeterminate", f"too few confident slices to say ({confident} of {n})", []
+
+
+def _names(slices: list[Prediction]) -> str:
+    return ", ".join(str(p.index) if p.index is not None else p.path for p in slices)
+
+
 def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
-    """Volume-level view of one NIfTI volume's slice predictions: which classes, on which slices,
-    with what confidence. The volume is called a tumour class when any slice is, choosing the
-    tumour class with the most confident slice; otherwise ``notumor``."""
+    """Series-level view of one volume's (or multi-frame file's) slice predictions: the verdict
+    (``series_verdict``) with its reason and key slices, and which classes on which slices."""
+    ordered = sorted(predictions, key=lambda p: p.index if p.index is not None else 0)
     by_class: dict[str, dict[str, Any]] = {}
-    for prediction in predictions:
+    for prediction in ordered:
         if prediction.label is None:
             continue
         entry = by_class.setdefault(prediction.label, {"slices": [], "max_confidence": 0.0})
         entry["slices"].append(prediction.index)
         entry["max_confidence"] = max(entry["max_confidence"], float(prediction.confidence or 0.0))
-    tumours = {k: v for k, v in by_class.items() if k not in ("notumor", NOT_BRAIN_MRI)}
-    if tumours:
-        label: str | None = max(tumours, key=lambda k: tumours[k]["max_confidence"])
-    else:
-        label = "notumor" if by_class else None
-    path = (predictions[0].file or predictions[0].path.split("#")[0]) if predictions else ""
-    return {"path": path, "n_slices": len(predictions), "label": label, "classes": by_class}
+    label, reason, key = series_verdict(ordered) if ordered else ("indeterminate", "no slices", [])
+    path = (ordered[0].file or ordered[0].path.split("#")[0]) if ordered else ""
+    return {
+        "path": path, "n_slices": len(ordered), "label": label, "reason": reason,
+        "key_slices": [p.index for p in key],
+        "refused": sum(1 for p in ordered if p.not_brain_mri),
+        "uncertain": sum(1 for p in ordered if p.uncertain),
+        "outside_validated_range": sum(1 for p in ordered if p.outside_validated_range),
+        "confident": sum(1 for p in ordered if _is_confident(p)),
+        "classes": by_class,
+    }
 
 
 def volume_object(slices: list[Prediction]) -> dict[str, Any]:
-    """The ``predict --json`` (and HTTP) object for a whole NIfTI volume: its summary plus the mean
-    of its slices' probabilities."""
+    """The ``predict --json`` (and HTTP) object for a whole series (a NIfTI volume, a multi-frame
+    DICOM file): its verdict and summary, the highest confidence among its key slices, and the
+    mean of its slices' probabilities."""
     summary = summarize_volume(slices)
-    label = summary["label"]
     readable = [p for p in slices if p.probabilities]
     names = list(readable[0].probabilities) if readable else []
     mean = {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
-    confidence = summary["classes"][label]["max_confidence"] if label in summary["classes"] else None
+    key = [p for p in slices if p.index in summary["key_slices"] and p.confidence is not None]
     return {
-        "path": summary["path"], "kind": "volume", "label": label, "confidence": confidence,
-        "probabilities": mean, "summary": summary,
+        "path": summary["path"], "kind": "series", "label": summary["label"], "reason": summary["reason"],
+        "confidence": max((p.confidence for p in key), default=None), "probabilities": mean, "summary": summary,
     }
 
 
