@@ -253,10 +253,11 @@ main()
 """
 
 
-def peak_memory_of_predict(folder: Path) -> tuple[float, float, int]:
-    """(peak RSS MiB, seconds, files) of ``braintumor predict FOLDER --csv`` in a fresh process."""
-    out = folder.parent / f"{folder.name}.csv"
-    command = [sys.executable, "-c", PEAK_WRAPPER, "predict", str(folder), "--csv", str(out)]
+def peak_memory_of_predict(folder: Path, *options: str, out: Path | None = None) -> tuple[float, float, int]:
+    """(peak RSS MiB, seconds, files) of ``braintumor predict FOLDER --csv OUT [options]`` in a
+    fresh process."""
+    out = out or folder.parent / f"{folder.name}.csv"
+    command = [sys.executable, "-c", PEAK_WRAPPER, "predict", str(folder), "--csv", str(out), *options]
     started = time.perf_counter()
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started

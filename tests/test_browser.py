@@ -52,7 +52,8 @@ def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp
     with live_server(create_app(load_model(device="cpu"))) as url:
         page = browser.new_page(viewport=viewport)
         page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('Testing accuracy')")
+        # A locator wait, not wait_for_function: the page's CSP forbids eval, which that would need.
+        page.locator("#model").filter(has_text="Testing accuracy").wait_for(timeout=30_000)
         page.set_input_files("#files", str(scan))
         card = page.locator(".result").first
         card.locator("[data-testid=label]").wait_for(timeout=60_000)

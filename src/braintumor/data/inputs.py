@@ -276,12 +276,3 @@ def read_inputs(items: Iterable[InputItem], workers: int = 2, size: int | None =
                 pending.append(pool.submit(_read_memory, item, number, size))
                 yield from ready(lookahead)
         yield from ready(0)
-
-
-def iter_slices(files: list[Path]) -> Iterator[Slice | InvalidImageError]:
-    """Slices of each file in order; a file that fails yields its error instead, and the walk goes on."""
-    for path in files:
-        try:
-            yield from read_scan(path)
-        except InvalidImageError as exc:
-            yield exc

@@ -248,8 +248,10 @@ def nifti_slices(source: Path | bytes, label: str) -> tuple[list[np.ndarray], bo
     bad = int(data.size - finite.sum())
     note = f"{bad:,} NaN or infinite voxels left out of the intensity window (shown as background)" if bad else None
     # One intensity window for the whole volume keeps slices comparable; non-finite voxels are left out.
-    low, high = (float(v) for v in np.percentile(data[finite], [0.5, 99.5]))
-    data = np.where(finite, data, low)
+    low, high = (float(v) for v in np.percentile(data[finite] if bad else data, [0.5, 99.5]))
+    if bad:
+        data = data if data.flags.writeable else data.copy()
+        data[~finite] = low  # in place: a large volume is not copied once more
     if data.ndim == 2:
         return [np.flipud(window_to_uint8(data, low, high).T)], False, note
     # The canonical (RAS+) orientation puts the axial axis last; the transpose shows anterior at the top.

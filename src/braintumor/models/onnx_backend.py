@@ -114,11 +114,6 @@ def _strip_node_metadata(proto) -> None:
                 del value.metadata_props[:]
 
 
-def weights_digest(path: Path) -> str:
-    """The SHA-256 of a weights file, as exported graphs record it."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_onnx(network: TorchNetwork, out: str | Path, source: str = "weights") -> Path:
     """Write a loaded torch network (``network.load_torch_network``) as an ONNX file; returns ``out``.
     ``source`` names the weights in the file's metadata (``braintumor export`` gives the file name
@@ -145,7 +140,7 @@ def save_proto(proto, out: Path) -> Path:
 
 def source_of(weights: Path) -> str:
     """What an exported graph records as its origin: the weights' name and full SHA-256."""
-    return f"{weights.name} sha256:{weights_digest(weights)}"
+    return f"{weights.name} sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()}"
 
 
 def probe_pixels(size: int, count: int = 6, seed: int = 0) -> torch.Tensor:
