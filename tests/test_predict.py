@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.inference.predict import load_model
-from braintumor.inference.results import summarize_volume
+from braintumor.inference.results import summarize_series
 from braintumor.models.checkpoint import save_weights
 from braintumor.models.registry import build_efficientnet_b0
 from conftest import write_dicom
@@ -143,12 +143,12 @@ def _series(*labels: str, uncertain: tuple[int, ...] = (), refused: tuple[int, .
     ],
 )
 def test_a_series_verdict_never_says_more_than_its_slices(slices: list, label: str, reason: str) -> None:
-    summary = summarize_volume(slices)
+    summary = summarize_series(slices)
     assert summary["label"] == label and reason in summary["reason"]
 
 
 def test_an_all_refused_volume_is_not_called_notumor() -> None:
-    summary = summarize_volume(_series(*["notumor"] * 25, refused=tuple(range(25))))
+    summary = summarize_series(_series(*["notumor"] * 25, refused=tuple(range(25))))
     assert summary["label"] == "not_brain_mri" and summary["refused"] == 25
 
 

@@ -16,7 +16,8 @@ import typer
 from .errors import BraintumorError
 
 if TYPE_CHECKING:
-    from .inference.results import Prediction, VolumeCollector
+    from .inference.predict import Classifier
+    from .inference.results import Prediction, SeriesCollector
 
 app = typer.Typer(
     add_completion=False,
@@ -39,6 +40,7 @@ def _setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" is no result
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per module it copies
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -232,8 +234,12 @@ def predict(
         help="bf16/fp16 autocast: faster where the hardware has it; "
         "changes a few borderline predictions (benchmarks/RESULTS.md).",
     ),
+    dicom_out: Optional[Path] = typer.Option(
+        None, "--dicom-out", help="Write each DICOM series' SR and Grad-CAM Secondary Capture here (DIR/<study UID>/)."
+    ),
 ) -> None:
-    """Classify scans: class, its probability and all four probabilities for each image.
+    """Classify scans: class, its probability and all four probabilities for each image; one
+    verdict per series (DICOM files grouped by study and series, NIfTI volumes, multi-frame DICOM).
 
     Exit code 0 when every input was classified, 1 when some failed, 2 for usage errors.
     """
@@ -244,7 +250,7 @@ def predict(
 
     from .data.inputs import expand_inputs
     from .inference.predict import load_model
-    from .inference.results import VolumeCollector
+    from .inference.results import SeriesCollector
 
     _setup_logging()
     try:
@@ -261,7 +267,7 @@ def predict(
             flag_names = ["uncertain", "not_brain_mri", "outside_validated_range"]
             writer.writerow(["path", "label", "confidence", *classifier.class_names, *flag_names, "error"])
         failures, first = 0, True
-        volumes = VolumeCollector()
+        series = SeriesCollector()
         # A progress bar only where a person watches both streams; results are written through
         # tqdm.write, which clears the bar first, so the two never share a line.
         progress = len(files) > 5 and not json_output and sys.stdout.isatty() and sys.stderr.isatty()
@@ -273,7 +279,7 @@ def predict(
             typer.echo(f"{'label':<14}{'conf':>7}  {columns}  path")
         for result in classifier.predict_iter(files, batch_size=batch_size, progress=progress):
             failures += result.error is not None
-            volumes.add(result)
+            series.add(result)
             if writer is not None:
                 writer.writerow(_csv_row(result, classifier.class_names))
             if json_output:
@@ -283,9 +289,11 @@ def predict(
                 typer.echo(f"error: {result.error}", err=True)
             else:
                 echo(_prediction_line(result, classifier.class_names))
-        _echo_volumes(volumes, json_output, first)
+        _echo_series(series, json_output, first)
         if json_output:
             typer.echo("\n]")
+    if dicom_out is not None:
+        failures += _write_dicom_results(series, classifier, dicom_out)
     if failures:
         typer.echo(f"{failures} input(s) could not be classified", err=True)
         raise typer.Exit(1)
@@ -318,21 +326,47 @@ def _prediction_line(result: Prediction, class_names: list[str]) -> str:
     return f"{result.label:<14}{result.confidence:>7.3f}  {row}  {result.path}{flag}"
 
 
-def _echo_volumes(volumes: VolumeCollector, json_output: bool, first: bool) -> None:
-    """Each volume's summary after all slices: an object of ``predict``'s JSON array (``first``: no
+def _echo_series(series: SeriesCollector, json_output: bool, first: bool) -> None:
+    """Each series' verdict after all slices: an object of ``predict``'s JSON array (``first``: no
     object before it) or a line of text."""
     import json
 
     if json_output:
-        for volume in volumes.objects():
-            typer.echo(("" if first else ",") + "\n" + json.dumps(volume), nl=False)
+        for entry in series.objects():
+            typer.echo(("" if first else ",") + "\n" + json.dumps(entry), nl=False)
             first = False
         return
-    for summary in volumes.summaries():
+    for summary in series.summaries():
         parts = [
             f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()
         ]
-        typer.echo(f"series {summary['path']}: {summary['label']} ({summary['reason']}) - " + "; ".join(parts))
+        looks = f"{summary['n_slices']} slices, {summary['plane']} {summary['sequence']}"
+        verdict = f"{summary['label']} ({summary['reason']})"
+        typer.echo(f"series {summary['path']} ({looks}): {verdict} - " + "; ".join(parts))
+
+
+def _write_dicom_results(series: SeriesCollector, classifier: Classifier, out: Path) -> int:
+    """Each DICOM series' SR and Secondary Capture under ``out``, reported on stderr; returns how
+    many series failed (a failed series is named with its reason, the others are still written)."""
+    from .pacs.report import SeriesReporter
+
+    reporter, failed = SeriesReporter(classifier), 0
+    for group in series.groups(single_files=True):
+        if any(p.dicom is None for p in group):
+            typer.echo(f"{group[0].file or group[0].path}: not DICOM, so no DICOM results", err=True)
+            continue
+        try:
+            results = reporter.results(group)
+            written = results.save(out)
+        except (BraintumorError, OSError, ValueError) as exc:
+            typer.echo(f"error: DICOM results of {group[0].path}: {exc}", err=True)
+            failed += 1
+            continue
+        summary = results.summary
+        verdict = f"{summary['label']} ({summary['n_slices']} slices)"
+        typer.echo(f"DICOM results of {summary['path']}: {verdict}; {len(written)} files in {written[0].parent}",
+                   err=True)
+    return failed
 
 
 @app.command()
@@ -502,6 +536,56 @@ def serve(
         )
     except OSError as exc:  # uvicorn logs bind failures and exits; other socket errors land here
         _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc})")
+
+
+@app.command("dicom-node")
+def dicom_node(
+    queue: Path = typer.Option(..., help="Folder of the node's queue on disk (created; survives restarts)."),
+    send_to: str = typer.Option(
+        ..., help="Where results go: AE@host:port (C-STORE) or a DICOMweb base URL (STOW-RS)."
+    ),
+    port: int = typer.Option(11112, min=1, max=65535, help="DICOM port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    ae_title: str = typer.Option("BRAINTUMOR", help="This node's AE title (callers must address it)."),
+    allow_ae: list[str] = typer.Option([], "--allow-ae", help="Accept only this calling AE title; repeatable."),
+    quiet_seconds: float = typer.Option(10.0, min=0.0, help="A series is complete after this long without news."),
+    retry_seconds: float = typer.Option(30.0, min=0.1, help="Wait between tries to send results."),
+    keep_hours: float = typer.Option(24.0, min=0.0, help="Keep a done series' images this long for late instances."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file (default: the shipped model)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Log every association and the cause of each failure."),
+) -> None:
+    """A DICOM node: receives series (C-STORE), classifies each once complete, sends back an SR and
+    a Grad-CAM Secondary Capture. Stops on Ctrl-C or SIGTERM; a restart resumes its queue."""
+    import signal
+
+    from .inference.predict import load_model
+    from .pacs.destinations import check_ae_title, parse_destination
+    from .pacs.node import DicomNode, NodeSettings
+    from .pacs.queue import SeriesQueue
+
+    _setup_logging(verbose)
+    for name in ("pynetdicom", "dicomweb_client"):  # a line per association or request: only when asked
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    _check_can_listen(host, port)
+    try:
+        callers = tuple(check_ae_title(a, "--allow-ae") for a in allow_ae)
+        destination = parse_destination(send_to, check_ae_title(ae_title, "--ae-title"))
+        SeriesQueue(queue)  # before the model loads: a queue that cannot be written should fail at once
+    except OSError as exc:
+        _fail(f"{queue}: cannot create the node's queue ({exc.strerror or exc})")
+    except BraintumorError as exc:
+        _fail(str(exc))
+    try:
+        settings = NodeSettings(queue, ae_title, host, port, quiet_seconds, retry_seconds, keep_hours * 3600, callers)
+        node = DicomNode(load_model(weights), destination, settings)
+        node.start()
+    except (BraintumorError, OSError) as exc:
+        _fail(str(exc))
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: node.request_stop())
+    node.wait()
+    node.stop()
+    logging.getLogger("braintumor.dicom_node").info("stopped; the queue in %s keeps what was not finished", queue)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES
 from ..errors import InvalidImageError, UnsupportedFileType
 from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
 from .medical import dicom_frames, nifti_slices
+from .series import DicomRef
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 SUPPORTED_TYPES = "send JPEG, PNG, BMP, TIFF, WebP, DICOM or NIfTI"
@@ -43,6 +44,7 @@ class Slice:
     colour_share: float = 0.0  # share of coloured pixels before the grey conversion (imaging.colour_share)
     header_refusal: str | None = None  # why the file's own header says it is no brain MRI (dicom_refusal)
     note: str | None = None  # something reading changed that the user should know (NaN voxels left out)
+    dicom: DicomRef | None = None  # a DICOM slice's study, series and place in the series
 
 
 def _is_nifti(path: Path) -> bool:
@@ -189,11 +191,11 @@ def _read_scan(source: str | Path | bytes, label: str) -> list[Slice]:
             return [Slice(label, slices[0], label, note=note)]
         return [Slice(f"{label}#slice={k}", pixels, label, k, True, note=note) for k, pixels in enumerate(slices)]
     if kind == "dicom":
-        frames, colour, refusal = dicom_frames(origin, label)
+        frames, colour, refusal, refs = dicom_frames(origin, label)
         if len(frames) == 1:
-            return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal)]
+            return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal, dicom=refs[0])]
         return [
-            Slice(f"{label}#frame={k}", pixels, label, k, True, colour_share=colour[k], header_refusal=refusal)
+            Slice(f"{label}#frame={k}", pixels, label, k, True, colour[k], refusal, dicom=refs[k])
             for k, pixels in enumerate(frames)
         ]
     pixels, colour = decode_image_and_colour(origin, label)

@@ -23,6 +23,7 @@ import numpy as np
 from ..constants import MAX_IMAGE_PIXELS
 from ..errors import InvalidImageError
 from .imaging import array_to_grey, colour_share
+from .series import DicomRef, dicom_refs
 
 MAX_SLICE_PIXELS = MAX_IMAGE_PIXELS  # one slice or frame
 MAX_INPUT_VOXELS = 128 * 2**20  # all slices and frames of one input (512 x 512 x 512)
@@ -190,9 +191,12 @@ def _grey_frame(frame: np.ndarray, dataset: Any, label: str) -> np.ndarray:
     return 255 - grey if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1" else grey
 
 
-def dicom_frames(source: Path | bytes, label: str) -> tuple[list[np.ndarray], list[float], str | None]:
-    """Grey frames, each frame's colour share, and the header's refusal (``dicom_refusal``) of a
-    DICOM file or its bytes (``label`` names it in errors)."""
+def dicom_frames(
+    source: Path | bytes, label: str
+) -> tuple[list[np.ndarray], list[float], str | None, list[DicomRef]]:
+    """Grey frames, each frame's colour share, the header's refusal (``dicom_refusal``) and each
+    frame's place in its series (``series.dicom_refs``) of a DICOM file or its bytes (``label``
+    names it in errors)."""
     dataset = _read_dataset(source, label)
     frames_count = _check_pixel_header(dataset, label)
     array = _pixel_array(dataset, label)
@@ -207,7 +211,7 @@ def dicom_frames(source: Path | bytes, label: str) -> tuple[list[np.ndarray], li
         else:
             results.append(_grey_frame(frame, dataset, label))
             colour.append(0.0)
-    return results, colour, dicom_refusal(dataset)
+    return results, colour, dicom_refusal(dataset), dicom_refs(dataset, frames_count)
 
 
 # ---------------------------------------------------------------- NIfTI

@@ -216,6 +216,7 @@ class Classifier:
             outside_validated_range_reason=reason,
             file=item.path if item.volume else None,
             note=item.note,
+            dicom=item.dicom,
         )
 
     def _outside_range(self, assessment: Assessment, k: int, rejected: bool) -> tuple[bool | None, str | None]:

@@ -1,15 +1,20 @@
 """What inference returns: ``Prediction`` (one 2-D slice), ``Explanation`` (a heat map with its
-prediction) and the summary of a volume's slices, as the CLI, the Python API and the service
-give them. One ``VolumeCollector`` groups volume slices for the CLI and the service alike.
+prediction) and the verdict on a series of slices, as the CLI, the Python API and the service give
+them. One ``SeriesCollector`` groups slices into series for all of them: the slices of a NIfTI
+volume or a multi-frame DICOM file, and DICOM files of one StudyInstanceUID and SeriesInstanceUID,
+put in anatomical order (``data.series.series_order_key``) whatever order they came in.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from ..data.series import DicomRef, most_common, series_order_key
 
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
 
@@ -36,6 +41,7 @@ class Prediction:
     outside_validated_range_reason: str | None = None
     file: str | None = None  # the file a slice of a volume came from (groups a volume's slices)
     note: str | None = None  # what reading changed that the user should know (NaN voxels left out)
+    dicom: DicomRef | None = None  # a DICOM slice's study, series and place in it (groups series)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
@@ -52,12 +58,19 @@ class Prediction:
             result["index"] = self.index
         if self.note is not None:
             result["note"] = self.note
+        if self.dicom is not None and self.dicom.series_uid:
+            result["series_instance_uid"] = self.dicom.series_uid
         if self.error is not None:
             result["error"] = self.error
         return result
 
 
 MIN_ADJACENT = 2  # confident slices in a row that a tumour verdict needs
+# Sequences absent from the training data (MODEL_CARD, "What the training data covers"): a series
+# of one gets no verdict. T2 and FLAIR appear there only as normal slices, so the model has never
+# seen a T2 or FLAIR tumour: such a series may be called a tumour class, never notumor.
+UNTRAINED_SEQUENCES = frozenset({"DWI", "ADC", "SWI", "perfusion", "T2*", "PD", "localizer"})
+NORMAL_ONLY_SEQUENCES = frozenset({"T2", "FLAIR"})
 
 
 def _is_confident(prediction: Prediction) -> bool:
@@ -81,58 +94,119 @@ def _longest_runs(ordered: list[Prediction]) -> dict[str, list[Prediction]]:
     return best
 
 
-def series_verdict(ordered: list[Prediction]) -> tuple[str, str, list[Prediction]]:
-    """(label, reason, key slices) of a series' slices in order, by rules that cannot call a series
-    what its slices do not show (README, "Series verdicts"):
+def series_verdict(ordered: list[Prediction], sequence: str = "unknown") -> tuple[str, str, list[Prediction]]:
+    """(label, reason, key slices) of a series' slices in anatomical order, by rules that cannot
+    call a series what its slices do not show (README, "Series verdicts"):
 
     1. most slices refused as not brain MRI -> ``not_brain_mri``;
-    2. a tumour class on at least ``MIN_ADJACENT`` adjacent confident slices -> that class (the
+    2. a sequence the model was never trained on (``UNTRAINED_SEQUENCES``) -> ``indeterminate``;
+    3. a tumour class on at least ``MIN_ADJACENT`` adjacent confident slices -> that class (the
        longest such run; the key slices are that run);
-    3. a confident tumour slice without a confident neighbour of its class -> ``indeterminate``;
-    4. confident ``notumor`` on at least half of the slices read (and at least two) -> ``notumor``;
-    5. otherwise ``indeterminate``, with the reason.
+    4. a confident tumour slice without a confident neighbour of its class -> ``indeterminate``;
+    5. confident ``notumor`` on at least half of the slices read (and at least two) -> ``notumor``,
+       unless the sequence is one the training data has no tumour slices of (T2, FLAIR);
+    6. otherwise ``indeterminate``, with the reason.
     Confident: read, not refused, not uncertain, not outside the validated range."""
     n = len(ordered)
     refused = sum(1 for p in ordered if p.not_brain_mri)
-    read = [p for p in ordered if p.label and not p.not_brain_mri and not p.error]
     if refused * 2 > n:
         return NOT_BRAIN_MRI, f"{refused} of {n} slices are not brain MRI", []
-    runs = _longest_runs(ordered)
-    tumours = {c: r for c, r in runs.items() if c != "notumor"}
+    if sequence in UNTRAINED_SEQUENCES:
+        return "indeterminate", f"the series is {sequence}, a sequence the model was never trained on", []
+    tumours = {c: r for c, r in _longest_runs(ordered).items() if c != "notumor"}
     if tumours:
         label, run = max(tumours.items(), key=lambda item: (len(item[1]), max(p.confidence or 0 for p in item[1])))
         if len(run) >= MIN_ADJACENT:
-            return label, f"{label} on {len(run)} adjacent confident slices ({_names(run)})", run
+            return label, f"{label} on {len(run)} adjacent confident slices ({_names(run, ordered)})", run
         lone = [p for p in ordered if _is_confident(p) and p.label != "notumor"]
-        reason = f"confident tumour slice(s) without a confident neighbour ({_names(lone)}): read them"
+        reason = f"confident tumour slice(s) without a confident neighbour ({_names(lone, ordered)}): read them"
         return "indeterminate", reason, lone
+    return _normal_or_indeterminate(ordered, sequence)
+
+
+def _normal_or_indeterminate(ordered: list[Prediction], sequence: str) -> tuple[str, str, list[Prediction]]:
+    """Rules 5 and 6 of ``series_verdict``: a series with no confident tumour slice."""
+    read = [p for p in ordered if p.label and not p.not_brain_mri and not p.error]
     normal = sum(1 for p in ordered if p.label == "notumor" and _is_confident(p))
     if normal >= MIN_ADJACENT and normal * 2 >= len(read):
+        if sequence in NORMAL_ONLY_SEQUENCES:
+            reason = (f"no tumour on {normal} of {len(read)} slices, but the series is {sequence}: the training "
+                      f"data has no {sequence} tumour slices, so the model cannot rule one out")
+            return "indeterminate", reason, []
         return "notumor", f"no tumour on {normal} of {len(read)} slices read confidently", []
     confident = sum(1 for p in ordered if _is_confident(p))
-    return "indeterminate", f"too few confident slices to say ({confident} of {n})", []
+    return "indeterminate", f"too few confident slices to say ({confident} of {len(ordered)})", []
 
 
-def _names(slices: list[Prediction]) -> str:
-    return ", ".join(str(p.index) if p.index is not None else p.path for p in slices)
+def _names(slices: list[Prediction], ordered: list[Prediction]) -> str:
+    """Slices named by their number in the series' order."""
+    place = {id(p): k for k, p in enumerate(ordered)}
+    return ", ".join(str(place[id(p)]) for p in slices)
 
 
-def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
-    """Series-level view of one volume's (or multi-frame file's) slice predictions: the verdict
-    (``series_verdict``) with its reason and key slices, and which classes on which slices."""
-    ordered = sorted(predictions, key=lambda p: p.index if p.index is not None else 0)
+def _identity(prediction: Prediction) -> tuple[str, int | None]:
+    ref = prediction.dicom
+    return (ref.sop_instance_uid, ref.frame) if ref is not None and ref.sop_instance_uid else (prediction.path, None)
+
+
+def series_order(predictions: list[Prediction]) -> list[Prediction]:
+    """A series' slices in anatomical order: DICOM by position or InstanceNumber, others by index.
+    A slice given twice (the same SOP instance and frame, or the same path) counts once: two copies
+    of one confident slice must not pass for two adjacent slices."""
+    unique: dict[tuple[str, int | None], Prediction] = {}
+    for prediction in predictions:
+        unique.setdefault(_identity(prediction), prediction)
+    predictions = list(unique.values())
+    if any(p.dicom is not None for p in predictions):
+        keys = series_order_key([p.dicom for p in predictions])
+        return [p for _, p in sorted(zip(keys, predictions, strict=True), key=lambda pair: pair[0])]
+    return sorted(predictions, key=lambda p: p.index if p.index is not None else 0)
+
+
+def _series_path(ordered: list[Prediction]) -> str:
+    """The file of a volume, else the folder the series' files share (the series UID without one)."""
+    files = sorted({p.file or p.path.split("#")[0] for p in ordered})
+    if len(files) == 1:
+        return files[0]
+    shared = os.path.commonpath(files) if all(os.path.isabs(f) == os.path.isabs(files[0]) for f in files) else ""
+    uid = ordered[0].dicom.series_uid if ordered[0].dicom else None
+    return shared or f"series {uid}"
+
+
+def describe_series(ordered: list[Prediction]) -> dict[str, Any]:
+    """What the headers of a series say it is: its UIDs, description, plane and sequence."""
+    refs = [p.dicom for p in ordered if p.dicom is not None]
+    if not refs:
+        return {"plane": "axial" if any(p.volume for p in ordered) else "unknown", "sequence": "unknown"}
+    sequence = most_common([r.sequence for r in refs])
+    return {
+        "study_instance_uid": refs[0].study_uid, "series_instance_uid": refs[0].series_uid,
+        "description": refs[0].description, "plane": most_common([r.plane for r in refs]), "sequence": sequence,
+        "sequence_from": next((r.sequence_source for r in refs if r.sequence == sequence), ""),
+    }
+
+
+def summarize_series(predictions: list[Prediction]) -> dict[str, Any]:
+    """Series-level view of one series' slice predictions (any order): the verdict
+    (``series_verdict``) with its reason and key slices (numbers in anatomical order, and their
+    paths), what the headers say it is, and which classes on which slices."""
+    ordered = series_order(predictions)
     by_class: dict[str, dict[str, Any]] = {}
-    for prediction in ordered:
+    for number, prediction in enumerate(ordered):
         if prediction.label is None:
             continue
         entry = by_class.setdefault(prediction.label, {"slices": [], "max_confidence": 0.0})
-        entry["slices"].append(prediction.index)
+        entry["slices"].append(number)
         entry["max_confidence"] = max(entry["max_confidence"], float(prediction.confidence or 0.0))
-    label, reason, key = series_verdict(ordered) if ordered else ("indeterminate", "no slices", [])
-    path = (ordered[0].file or ordered[0].path.split("#")[0]) if ordered else ""
+    described = describe_series(ordered)
+    label, reason, key = ("indeterminate", "no slices", []) if not ordered else series_verdict(
+        ordered, described["sequence"]
+    )
+    place = {id(p): k for k, p in enumerate(ordered)}
     return {
-        "path": path, "n_slices": len(ordered), "label": label, "reason": reason,
-        "key_slices": [p.index for p in key],
+        "path": _series_path(ordered) if ordered else "", "n_slices": len(ordered), "label": label, "reason": reason,
+        **described,
+        "key_slices": [place[id(p)] for p in key], "key_paths": [p.path for p in key],
         "refused": sum(1 for p in ordered if p.not_brain_mri),
         "uncertain": sum(1 for p in ordered if p.uncertain),
         "outside_validated_range": sum(1 for p in ordered if p.outside_validated_range),
@@ -141,48 +215,69 @@ def summarize_volume(predictions: list[Prediction]) -> dict[str, Any]:
     }
 
 
-def volume_object(slices: list[Prediction]) -> dict[str, Any]:
-    """The ``predict --json`` (and HTTP) object for a whole series (a NIfTI volume, a multi-frame
-    DICOM file): its verdict and summary, the highest confidence among its key slices, and the
-    mean of its slices' probabilities."""
-    summary = summarize_volume(slices)
+def mean_probabilities(slices: list[Prediction]) -> dict[str, float]:
+    """Each class's probability averaged over the slices that have one."""
     readable = [p for p in slices if p.probabilities]
     names = list(readable[0].probabilities) if readable else []
-    mean = {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
-    key = [p for p in slices if p.index in summary["key_slices"] and p.confidence is not None]
+    return {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
+
+
+def series_object(slices: list[Prediction]) -> dict[str, Any]:
+    """The ``predict --json`` (and HTTP) object for a whole series: its verdict and summary, the
+    highest confidence among its key slices, and the mean of its slices' probabilities."""
+    summary = summarize_series(slices)
+    key = set(summary["key_paths"])
     return {
         "path": summary["path"], "kind": "series", "label": summary["label"], "reason": summary["reason"],
-        "confidence": max((p.confidence for p in key), default=None), "probabilities": mean, "summary": summary,
+        "confidence": max((p.confidence for p in slices if p.path in key and p.confidence is not None), default=None),
+        "probabilities": mean_probabilities(slices), "plane": summary["plane"], "sequence": summary["sequence"],
+        "summary": summary,
     }
 
 
-class VolumeCollector:
-    """Collects the slices of volumes from a stream of predictions, to summarise each volume
-    once all results are out (``predict`` prints slices as they come, volumes at the end)."""
+def series_key(prediction: Prediction) -> tuple[str, ...] | None:
+    """Which series a slice belongs to: its DICOM study and series UIDs, else its volume file
+    (None: a single image, no series)."""
+    if prediction.dicom is not None and prediction.dicom.series_uid:
+        return ("dicom", prediction.dicom.study_uid or "", prediction.dicom.series_uid)
+    if prediction.volume:
+        return ("file", prediction.file or prediction.path.split("#")[0])
+    return None
+
+
+class SeriesCollector:
+    """Collects the slices of series from a stream of predictions, to judge each series once all
+    results are out (``predict`` prints slices as they come, series at the end). A series of one
+    single-frame file is left as that file's own result."""
 
     def __init__(self) -> None:
-        self._volumes: dict[str, list[Prediction]] = {}
+        self._series: dict[tuple[str, ...], list[Prediction]] = {}
 
     def add(self, prediction: Prediction) -> None:
-        if prediction.volume:
-            key = prediction.file or prediction.path.split("#")[0]
-            self._volumes.setdefault(key, []).append(prediction)
+        key = series_key(prediction)
+        if key is not None:
+            self._series.setdefault(key, []).append(prediction)
+
+    def groups(self, single_files: bool = False) -> list[list[Prediction]]:
+        """Each series' slices (as they came), in order of first appearance; with ``single_files``,
+        also the DICOM series of one single-frame file (``--dicom-out`` writes results for them)."""
+        return [s for s in self._series.values() if len(s) > 1 or s[0].volume or single_files]
 
     def summaries(self) -> list[dict[str, Any]]:
-        """One ``summarize_volume`` per volume, in order of first appearance."""
-        return [summarize_volume(slices) for slices in self._volumes.values()]
+        """One ``summarize_series`` per series."""
+        return [summarize_series(slices) for slices in self.groups()]
 
     def objects(self) -> list[dict[str, Any]]:
-        """One ``volume_object`` per volume, in order of first appearance."""
-        return [volume_object(slices) for slices in self._volumes.values()]
+        """One ``series_object`` per series."""
+        return [series_object(slices) for slices in self.groups()]
 
 
 def prediction_objects(results: list[Prediction]) -> list[dict[str, Any]]:
-    """The ``predict --json`` array: one object per slice, then one per volume."""
-    volumes = VolumeCollector()
+    """The ``predict --json`` array: one object per slice, then one per series."""
+    collector = SeriesCollector()
     for result in results:
-        volumes.add(result)
-    return [r.to_dict() for r in results] + volumes.objects()
+        collector.add(result)
+    return [r.to_dict() for r in results] + collector.objects()
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""``braintumor dicom-node``: a DICOM listener (C-ECHO, C-STORE) that classifies each series once
+it is complete and sends its results (an SR and a Grad-CAM Secondary Capture, ``report``) back to
+a PACS by C-STORE or STOW-RS (``destinations``).
+
+A series is complete when it has received nothing for ``quiet_seconds`` (and, after a restart,
+not before ``quiet_seconds`` from the restart: the sender may be sending the rest). An instance is
+acknowledged only once it is on disk (``queue.SeriesQueue``); results are on disk before they are
+sent and are forgotten only once the destination has stored them, so killing the node at any
+moment loses no series: on start it classifies what it had received and sends what it had not
+sent. A series that cannot be classified is logged with its reason and set aside; the node goes
+on. Results that cannot be sent stay queued and are tried again every ``retry_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BraintumorError
+from ..inference.predict import Classifier
+from .destinations import Destination, SendError
+from .queue import QueueError, SeriesQueue
+from .report import MANUFACTURER, SeriesReporter
+
+log = logging.getLogger("braintumor.dicom_node")
+
+# C-STORE statuses (PS3.4 B.2.3): out of resources, cannot understand.
+OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where the node listens, how it decides a series is complete, and whom it accepts."""
+
+    queue: Path
+    ae_title: str = "BRAINTUMOR"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    quiet_seconds: float = 10.0
+    retry_seconds: float = 30.0
+    keep_seconds: float = 24 * 3600.0
+    allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted (empty: any)
+    poll_seconds: float = 0.5
+
+
+class SeriesFailed(BraintumorError):
+    """A series that cannot be classified: none of its instances is a readable image."""
+
+
+class DicomNode:
+    """The listener and the worker thread that classifies quiet series and sends their results."""
+
+    def __init__(self, classifier: Classifier, destination: Destination, settings: NodeSettings):
+        self.classifier = classifier
+        self.destination = destination
+        self.settings = settings
+        self.queue = SeriesQueue(settings.queue)
+        self.reporter = SeriesReporter(classifier)
+        self._stop = threading.Event()
+        self._server: Any = None
+        self._worker: threading.Thread | None = None
+        self._next_send_try = 0.0
+        self._listening_since = 0.0  # a series received before a restart waits a quiet period from here
+
+    # ------------------------------------------------------------- listening
+
+    def start(self) -> None:
+        """Listen, and start the worker (which first finishes what a previous run left)."""
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.require_called_aet = True
+        if self.settings.allowed_callers:
+            ae.require_calling_aet = list(self.settings.allowed_callers)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
+        self.classifier.model  # noqa: B018 - load the Grad-CAM network now, not inside the first series
+        self._listening_since = time.time()
+        self._worker = threading.Thread(target=self._work, name="dicom-node-worker", daemon=True)
+        self._worker.start()
+        log.info("listening as %s on %s:%d; results go to %s", self.settings.ae_title, self.settings.host,
+                 self.settings.port, self.destination)
+
+    def request_stop(self) -> None:
+        """Ask ``wait`` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop listening, and let the worker finish the series it is on."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._worker is not None:
+            self._worker.join()
+
+    def wait(self) -> None:
+        """Block until ``request_stop`` or ``stop`` is called (a signal handler, another thread)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def _on_store(self, event: Any) -> int:
+        """Acknowledge an instance only once it is on disk; our own results are not queued again."""
+        try:
+            dataset = event.dataset
+        except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot decode
+            log.error("C-STORE from %s: cannot decode the dataset (%s)", _caller(event), exc)
+            return CANNOT_UNDERSTAND
+        if str(dataset.get("Manufacturer", "")) == MANUFACTURER:
+            return 0x0000  # a result of ours, sent back to us by a routing rule: nothing to classify
+        try:
+            self.queue.store(dataset.get("StudyInstanceUID"), dataset.get("SeriesInstanceUID"),
+                             dataset.get("SOPInstanceUID"), event.encoded_dataset())
+        except QueueError as exc:
+            log.error("C-STORE from %s refused: %s", _caller(event), exc)
+            return CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("C-STORE from %s: cannot write to the queue (%s)", _caller(event), exc.strerror)
+            return OUT_OF_RESOURCES
+        return 0x0000
+
+    # ------------------------------------------------------------- working
+
+    def _work(self) -> None:
+        for left in list(self.queue.series_in("work")):  # a crash in the middle of a series
+            self._classify(left)
+        while not self._stop.is_set():
+            self.run_once()
+            self._stop.wait(self.settings.poll_seconds)
+
+    def run_once(self, now: float | None = None) -> None:
+        """Classify every quiet series, send what waits to be sent, forget old done series."""
+        for folder in self.queue.quiet(self.settings.quiet_seconds, now, self._listening_since):
+            self._classify(self.queue.take(folder))
+        self._send_waiting(now)
+        self.queue.prune_done(self.settings.keep_seconds, now)
+
+    def _classify(self, work: Path) -> None:
+        """One series: its results into the outbox and its images to done, or the series to failed
+        with the reason. Any failure stays with this series."""
+        started = time.perf_counter()
+        try:
+            files, summary = self._results(work)
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong with one series stays with it
+            reason = str(exc) if isinstance(exc, BraintumorError) else f"{type(exc).__name__}: {exc}"
+            log.error("series %s failed: %s", work.name, reason)
+            log.debug("%s", traceback.format_exc())
+            self.queue.fail(work, reason)
+            return
+        self.queue.put_results(work, files, summary)
+        os.utime(self.queue.move(work, "done"))  # done now: kept keep_seconds from here
+        log.info("series %s (%d slices, %s %s): %s (%s) in %.1f s", work.name, summary["n_slices"],
+                 summary["plane"], summary["sequence"], summary["label"], summary["reason"],
+                 time.perf_counter() - started)
+        self._next_send_try = 0.0  # send it now
+
+    def _results(self, work: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
+        predictions = list(self.classifier.predict_iter([work]))
+        read = [p for p in predictions if p.error is None]
+        if not read:
+            first = predictions[0].error if predictions else "no instances"
+            raise SeriesFailed(f"no instance of the series is a readable image ({first})")
+        results = self.reporter.results(read)
+        files = {f"{d.SOPInstanceUID}.dcm": _file_bytes(d) for d in results.datasets()}
+        keep = ("label", "reason", "n_slices", "plane", "sequence", "key_slices", "refused", "uncertain",
+                "outside_validated_range", "confident", "study_instance_uid", "series_instance_uid", "description")
+        summary = {k: results.summary[k] for k in keep} | {"unreadable": len(predictions) - len(read)}
+        return files, summary
+
+    def _send_waiting(self, now: float | None) -> None:
+        now = time.time() if now is None else now
+        if now < self._next_send_try:
+            return
+        for outbox in list(self.queue.series_in("outbox")):
+            try:
+                self.destination.send(_read_results(outbox))
+            except SendError as exc:
+                log.error("results of series %s not sent, will try again in %.0f s: %s", outbox.name,
+                          self.settings.retry_seconds, exc)
+                self._next_send_try = now + self.settings.retry_seconds
+                return
+            line = self.queue.record_sent(outbox, str(self.destination))
+            log.info("results of series %s (%s) sent to %s", outbox.name, line["label"], self.destination)
+
+
+def _caller(event: Any) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.ae_title}@{requestor.address}"
+
+
+def _file_bytes(dataset: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _read_results(outbox: Path) -> list[Any]:
+    import pydicom
+
+    return [pydicom.dcmread(path) for path in sorted(outbox.glob("*.dcm"))]

@@ -1,0 +1,155 @@
+"""The DICOM node's queue on disk: every received instance and every result is a file before it is
+acknowledged or forgotten, so a node killed at any moment loses nothing when it starts again.
+
+    incoming/<study>/<series>/<sop>.dcm  received; waiting for the series to go quiet
+    work/<study>/<series>/                being classified (left here by a crash: classified again)
+    outbox/<study>/<series>/              results and summary.json, waiting to be sent
+    done/<study>/<series>/                classified and sent; kept ``keep_seconds`` so that a late
+                                          instance joins its series, which is then read again whole
+    failed/<study>/<series>/error.txt     a series that could not be classified, with the reason
+    results.jsonl                         one line per series sent: its verdict and destination
+
+Each file is written under a temporary name, flushed to disk and renamed into place; each move of
+a series is one rename. A receiving thread and the worker thread can run at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import BraintumorError
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STAGES = ("incoming", "work", "outbox", "done", "failed")
+
+
+class QueueError(BraintumorError):
+    """An instance the queue refuses (its UIDs could not name files safely)."""
+
+
+def check_uid(value: Any, name: str) -> str:
+    """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
+    text = str(value or "").strip()
+    if not UID_PATTERN.match(text) or len(text) > 64:
+        raise QueueError(f"{name} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class SeriesQueue:
+    """The folders of one node (see the module's docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        for stage in STAGES:
+            (root / stage).mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, stage: str, study: str, series: str) -> Path:
+        return self.root / stage / study / series
+
+    def store(self, study_uid: Any, series_uid: Any, sop_uid: Any, data: bytes) -> Path:
+        """Write one received instance (file-format bytes); returns its path once it is on disk."""
+        study, series = check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID")
+        sop = check_uid(sop_uid, "SOPInstanceUID")
+        for _ in range(3):  # the worker may move the series folder away between mkdir and rename
+            folder = self.series_dir("incoming", study, series)
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                _write_atomically(folder / f"{sop}.dcm", data)
+                os.utime(folder)  # the series' last arrival: its quiet period starts again
+                return folder / f"{sop}.dcm"
+            except FileNotFoundError:
+                continue
+        raise QueueError(f"series {series}: its folder kept moving while an instance was stored")
+
+    def series_in(self, stage: str) -> Iterator[Path]:
+        """Series folders of a stage, oldest first."""
+        folders = [p for p in (self.root / stage).glob("*/*") if p.is_dir()]
+        yield from sorted(folders, key=lambda p: p.stat().st_mtime)
+
+    def quiet(self, quiet_seconds: float, now: float | None = None, since: float = 0.0) -> list[Path]:
+        """Incoming series that have received nothing for ``quiet_seconds``, counted from ``since``
+        at the earliest (a restarted node gives senders that were cut off time to send the rest)."""
+        now = time.time() if now is None else now
+        return [p for p in self.series_in("incoming") if now - max(p.stat().st_mtime, since) >= quiet_seconds]
+
+    def move(self, folder: Path, stage: str) -> Path:
+        """``folder`` (a series of any stage) moved to ``stage``, merged with what is there already."""
+        target = self.series_dir(stage, folder.parent.name, folder.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            for item in folder.iterdir():
+                os.replace(item, target / item.name)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            os.replace(folder, target)
+        _remove_if_empty(folder.parent)
+        return target
+
+    def take(self, folder: Path) -> Path:
+        """An incoming series moved to work, with the images of the same series already done (a
+        late instance makes the whole series be read again)."""
+        work = self.move(folder, "work")
+        done = self.series_dir("done", work.parent.name, work.name)
+        if done.exists():
+            self.move(done, "work")
+        return work
+
+    def put_results(self, work: Path, files: dict[str, bytes], summary: dict[str, Any]) -> Path:
+        """The series' result files and summary into its outbox folder (whole or not at all)."""
+        staging = self.root / "outbox" / f".{work.name}.{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        for name, data in {**files, "summary.json": json.dumps(summary).encode()}.items():
+            _write_atomically(staging / name, data)
+        outbox = self.series_dir("outbox", work.parent.name, work.name)
+        outbox.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(outbox, ignore_errors=True)  # an older result of the same series is replaced
+        os.replace(staging, outbox)
+        return outbox
+
+    def fail(self, work: Path, reason: str) -> Path:
+        failed = self.move(work, "failed")
+        _write_atomically(failed / "error.txt", (reason + "\n").encode())
+        return failed
+
+    def record_sent(self, outbox: Path, destination: str) -> dict[str, Any]:
+        """Forget a sent outbox folder, after one line in results.jsonl says what was sent where."""
+        summary = json.loads((outbox / "summary.json").read_text())
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "destination": destination, **summary}
+        with open(self.root / "results.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        shutil.rmtree(outbox)
+        _remove_if_empty(outbox.parent)
+        return line
+
+    def prune_done(self, keep_seconds: float, now: float | None = None) -> None:
+        """Forget the images of series done more than ``keep_seconds`` ago."""
+        now = time.time() if now is None else now
+        for folder in self.series_in("done"):
+            if now - folder.stat().st_mtime > keep_seconds:
+                shutil.rmtree(folder, ignore_errors=True)
+                _remove_if_empty(folder.parent)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        folder.rmdir()
