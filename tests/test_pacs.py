@@ -114,7 +114,9 @@ def test_orthanc_routes_a_series_to_the_node_and_gets_the_results_in_the_study(
     assert label == "glioma" and measured["Slices in the series"] == 4
     capture = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["OT"])))
     assert capture.StudyInstanceUID == source.StudyInstanceUID and capture.PatientID == source.PatientID
-    sent = [json.loads(line) for line in (tmp_path / "queue" / "results.jsonl").read_text().splitlines()]
+    log = tmp_path / "queue" / "results.jsonl"  # written just after the destination confirmed
+    sent = wait_for(lambda: log.exists() and [json.loads(line) for line in log.read_text().splitlines()], 10,
+                    "results.jsonl")
     assert [s["label"] for s in sent] == ["glioma"] and sent[0]["key_slices"] == [1, 2]
 
 
@@ -149,6 +151,7 @@ def test_a_node_killed_mid_series_loses_nothing(orthanc: Orthanc, start_node: Ca
     results = _results_in_orthanc(orthanc, study_uid)
     label, measured = _verdict(orthanc.instance_file(results["SR"]))
     assert label == "glioma" and measured["Slices in the series"] == 6
+    assert len(results["SR"]["Instances"]) == 1  # no verdict was sent on half the series
 
 
 # ----------------------------------------------------------------- the node without a network
@@ -236,6 +239,9 @@ def test_a_late_instance_makes_the_whole_series_be_read_again(tmp_path: Path) ->
     reports = [d for d in recorder.sent if d.Modality == "SR"]
     counts = [_verdict(_bytes(r))[1]["Slices in the series"] for r in reports]
     assert counts == [3, 4] and reports[0].SOPInstanceUID != reports[1].SOPInstanceUID
+    assert reports[0].SeriesInstanceUID == reports[1].SeriesInstanceUID  # versions of one result, in one series
+    [predecessor] = reports[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert predecessor.ReferencedSOPInstanceUID == reports[0].SOPInstanceUID
 
 
 def _bytes(dataset: Any) -> bytes:
@@ -279,3 +285,76 @@ def test_dicom_node_refuses_bad_options_in_one_line_before_loading_the_model(tmp
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(app, ["dicom-node", "--queue", str(tmp_path / "file"), "--send-to", "PACS@pacs:104"])
     assert result.exit_code == 2 and "cannot create the node's queue" in result.output
+
+
+def test_a_merge_cut_short_by_a_crash_is_finished_before_the_series_is_read(tmp_path: Path) -> None:
+    recorder = Recorder()
+    node = _node(tmp_path, recorder)
+    files = write_series(GLIOMA_SERIES, tmp_path / "series")
+    _queue_files(node.queue, files[:2])
+    node.run_once(now=time.time() + 10)  # the first two slices are read and done
+    _queue_files(node.queue, files[2:])
+    [incoming] = list(node.queue.series_in("incoming"))
+    node.queue.move(incoming, "work")  # the crash: done/ was not merged into work/ yet
+    restarted = _node(tmp_path, recorder)
+    restarted._stop.set()
+    restarted._work()
+    restarted.run_once()
+    last = [d for d in recorder.sent if d.Modality == "SR"][-1]
+    assert _verdict(_bytes(last))[1]["Slices in the series"] == 4
+
+
+class Broken(Recorder):
+    """Refuses the results of one series with an unexpected error; takes the others."""
+
+    def __init__(self, refused_series: str):
+        super().__init__()
+        self.refused_series = refused_series
+
+    def send(self, datasets: list[Any]) -> None:
+        if any(d.Modality == "SR" and _source_series(d) == self.refused_series for d in datasets):
+            raise RuntimeError("the PACS hung up")
+        super().send(datasets)
+
+
+def _source_series(dataset: Any) -> str:
+    return str(dataset.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID)
+
+
+def test_results_one_destination_refuses_do_not_hold_up_the_others(tmp_path: Path) -> None:
+    first = write_series(GLIOMA_SERIES, tmp_path / "first", seed=1)
+    second = write_series(GLIOMA_SERIES, tmp_path / "second", seed=2)
+    refused = pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID
+    destination = Broken(refused)
+    node = _node(tmp_path, destination)
+    _queue_files(node.queue, first + second)
+    node.run_once(now=time.time() + 10)
+    assert sorted(d.Modality for d in destination.sent) == ["OT", "SR"]  # the second series went
+    [waiting] = list(node.queue.series_in("outbox"))
+    assert waiting.name == refused
+
+
+class FakeEvent:
+    """What pynetdicom hands the C-STORE handler: the dataset, its encoding and the caller."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.assoc = type("Assoc", (), {"requestor": type("R", (), {"ae_title": "TEST", "address": "127.0.0.1"})})
+
+    def encoded_dataset(self) -> bytes:
+        return _bytes(self.dataset)
+
+
+def test_the_store_handler_answers_with_the_right_status(tmp_path: Path) -> None:
+    node = _node(tmp_path, Recorder())
+    [path] = write_series(GLIOMA_SERIES[:1], tmp_path / "one")
+    dataset = pydicom.dcmread(path)
+    assert node._on_store(FakeEvent(dataset)) == 0x0000 and len(list(node.queue.series_in("incoming"))) == 1
+    bad = pydicom.dcmread(path)
+    bad.SeriesInstanceUID = "../../x"
+    assert node._on_store(FakeEvent(bad)) == 0xC000
+    ours = pydicom.dcmread(path)
+    ours.Manufacturer, ours.SeriesInstanceUID = "braintumor", "1.2.3.4"
+    assert node._on_store(FakeEvent(ours)) == 0x0000 and len(list(node.queue.series_in("incoming"))) == 1
+    node.settings = NodeSettings(tmp_path / "queue", min_free_bytes=1 << 62)  # more than any disk
+    assert node._on_store(FakeEvent(dataset)) == 0xA700

@@ -77,6 +77,9 @@ def _header(**tags: object) -> Dataset:
         ({"SeriesDescription": "sag t1_mprage"}, ("T1", "SeriesDescription")),
         ({"SeriesDescription": "ep2d_diff_3scan_trace"}, ("DWI", "SeriesDescription")),
         ({"SeriesDescription": "3-plane localizer"}, ("localizer", "SeriesDescription")),
+        ({"SeriesDescription": "ep2d_mddw_20"}, ("DWI", "SeriesDescription")),
+        ({"SeriesDescription": "AX T2", "DiffusionBValue": 1000}, ("DWI", "diffusion tags")),
+        ({"SeriesDescription": "Series 5", "ImageType": ["DERIVED", "PRIMARY", "ADC"]}, ("ADC", "diffusion tags")),
         ({"RepetitionTime": 9000, "EchoTime": 90, "InversionTime": 2500, "ScanningSequence": "IR"},
          ("FLAIR", "acquisition tags")),
         ({"RepetitionTime": 500, "EchoTime": 12, "ContrastBolusAgent": "Gadovist"}, ("T1C", "acquisition tags")),
@@ -103,11 +106,12 @@ def test_the_plane_comes_from_the_orientation_else_the_description(orientation, 
     assert plane_of(slice_normal(orientation) if orientation else None, description) == plane
 
 
-def _slices(labels: list[str], sequence: str) -> list:
+def _slices(labels: list[str], sequence: str, positions: list[float] | None = None) -> list:
     from braintumor.data.series import DicomRef
     from braintumor.inference.results import Prediction
 
-    refs = [DicomRef("1.2", "1.2.3", f"1.2.3.{k}", None, k, None, float(-k), "", "axial", sequence, "test")
+    positions = positions or [float(-k) for k in range(len(labels))]
+    refs = [DicomRef("1.2", "1.2.3", f"1.2.3.{k}", None, k, None, positions[k], "", "axial", sequence, "test")
             for k in range(len(labels))]
     return [Prediction(f"{k}.dcm", label, 0.999, uncertain=False, not_brain_mri=False, outside_validated_range=False,
                        dicom=ref) for k, (label, ref) in enumerate(zip(labels, refs, strict=True))]
@@ -126,6 +130,22 @@ def _slices(labels: list[str], sequence: str) -> list:
 def test_a_verdict_depends_on_what_the_training_data_covers(labels, sequence, verdict, reason) -> None:
     summary = summarize_series(_slices(labels, sequence))
     assert summary["label"] == verdict and reason in summary["reason"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "positions", "verdict"),
+    [
+        # two echoes (or a repeat) of one place are one location, not two adjacent slices
+        (["notumor", "glioma", "glioma", "notumor"], [0.0, 5.0, 5.0, 10.0], "indeterminate"),
+        # a place whose slices disagree is not confident
+        (["glioma", "glioma", "notumor", "glioma"], [0.0, 5.0, 5.0, 10.0], "indeterminate"),
+        # slices missing between 10 and 25 mm: the two glioma slices are not neighbours
+        (["notumor", "notumor", "glioma", "glioma", "notumor"], [0.0, 5.0, 10.0, 25.0, 30.0], "indeterminate"),
+        (["notumor", "notumor", "notumor", "glioma", "glioma"], [0.0, 5.0, 10.0, 25.0, 30.0], "glioma"),
+    ],
+)
+def test_adjacent_means_neighbouring_places_along_the_normal(labels, positions, verdict) -> None:
+    assert summarize_series(_slices(labels, "T1C", positions))["label"] == verdict
 
 
 def test_slices_are_ordered_by_position_along_the_normal() -> None:
@@ -216,3 +236,48 @@ def test_a_slice_given_twice_does_not_pass_for_two_adjacent_slices(glioma_series
     objects = _predict_json(lone, str(glioma_series[0].parent))
     [series] = [o for o in objects if o.get("kind") == "series"]
     assert series["summary"]["n_slices"] == 4 and series["summary"]["key_slices"] == [1, 2]
+
+
+def test_a_multi_frame_series_is_referenced_once_with_its_key_frames(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from conftest import write_dicom
+
+    frames = np.stack([np.asarray(Image.open(p).convert("L")) for p in GLIOMA_SERIES])  # all 224 x 224
+    path = write_dicom(tmp_path / "enhanced.dcm", frames.astype(np.uint16))
+    dataset = pydicom.dcmread(path)
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    dataset.PatientID, dataset.SeriesDescription, dataset.PixelSpacing = "P1", "AX T1 +C", [1.0, 1.0]
+    dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = pydicom.uid.EnhancedMRImageStorage
+    dataset.save_as(path)
+    result = runner.invoke(app, ["predict", str(path), "--dicom-out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    [report_path] = [p for p in (tmp_path / "out").rglob("*.dcm") if pydicom.dcmread(p).Modality == "SR"]
+    [group] = hd.sr.srread(report_path).content.get_image_measurement_groups()
+    [source] = group.source_images
+    assert group.finding_type.value == "glioma" and source.referenced_frame_numbers == [2, 3]
+
+
+def test_a_series_without_orientation_gets_its_sr_and_says_why_there_is_no_capture(tmp_path: Path) -> None:
+    files = write_series(GLIOMA_SERIES, tmp_path / "series")
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        del dataset.ImageOrientationPatient
+        dataset.save_as(path)
+    result = runner.invoke(app, ["predict", str(tmp_path / "series"), "--dicom-out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "no Secondary Capture: the source gives no ImageOrientationPatient" in result.stderr
+    assert [pydicom.dcmread(p).Modality for p in (tmp_path / "out").rglob("*.dcm")] == ["SR"]
+
+
+def test_dicom_out_refuses_a_study_uid_that_would_leave_the_folder(glioma_series: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in glioma_series:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = "../../escaped"
+        dataset.save_as(folder / path.name)
+    result = runner.invoke(app, ["predict", str(folder), "--dicom-out", str(tmp_path / "out" / "inner")])
+    assert result.exit_code == 1 and "is not a valid DICOM UID" in result.stderr
+    assert not list(tmp_path.rglob("escaped"))

@@ -43,6 +43,10 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per module it copies
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -358,14 +362,17 @@ def _write_dicom_results(series: SeriesCollector, classifier: Classifier, out: P
         try:
             results = reporter.results(group)
             written = results.save(out)
-        except (BraintumorError, OSError, ValueError) as exc:
-            typer.echo(f"error: DICOM results of {group[0].path}: {exc}", err=True)
+        except Exception as exc:  # noqa: BLE001 - one series' failure is that series' one-line error
+            reason = str(exc) if isinstance(exc, (BraintumorError, OSError)) else f"{type(exc).__name__}: {exc}"
+            typer.echo(f"error: DICOM results of {group[0].path}: {_one_line(reason)}", err=True)
             failed += 1
             continue
         summary = results.summary
         verdict = f"{summary['label']} ({summary['n_slices']} slices)"
         typer.echo(f"DICOM results of {summary['path']}: {verdict}; {len(written)} files in {written[0].parent}",
                    err=True)
+        if results.note:
+            typer.echo(f"{summary['path']}: {results.note}", err=True)
     return failed
 
 
@@ -551,6 +558,7 @@ def dicom_node(
     quiet_seconds: float = typer.Option(10.0, min=0.0, help="A series is complete after this long without news."),
     retry_seconds: float = typer.Option(30.0, min=0.1, help="Wait between tries to send results."),
     keep_hours: float = typer.Option(24.0, min=0.0, help="Keep a done series' images this long for late instances."),
+    min_free_mb: int = typer.Option(1024, min=0, help="Refuse instances while less than this is free for the queue."),
     weights: Optional[Path] = typer.Option(None, help="Weights file (default: the shipped model)."),
     verbose: bool = typer.Option(False, "--verbose", help="Log every association and the cause of each failure."),
 ) -> None:
@@ -576,7 +584,8 @@ def dicom_node(
     except BraintumorError as exc:
         _fail(str(exc))
     try:
-        settings = NodeSettings(queue, ae_title, host, port, quiet_seconds, retry_seconds, keep_hours * 3600, callers)
+        settings = NodeSettings(queue, ae_title, host, port, quiet_seconds, retry_seconds, keep_hours * 3600, callers,
+                                min_free_bytes=min_free_mb << 20)
         node = DicomNode(load_model(weights), destination, settings)
         node.start()
     except (BraintumorError, OSError) as exc:

@@ -27,13 +27,13 @@ MIN_AXIS_COSINE = 0.8
 # Words of a SeriesDescription, first match wins: FLAIR and contrast before T1 and T2.
 SEQUENCE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("localizer", ("LOC", "LOCALIZER", "LOCALISER", "SCOUT", "SURVEY", "3PLANE", "TRIPLANE")),
-    ("DWI", ("DWI", "DIFFUSION", "TRACE", "DTI", "EPI_DIFF")),
+    ("DWI", ("DWI", "DIFFUSION", "DIFF", "TRACE", "TRACEW", "DTI", "EPI_DIFF", "EP2D_DIFF", "MDDW", "RESOLVE")),
     ("ADC", ("ADC",)),
     ("SWI", ("SWI", "SWAN", "SWIP", "SUSCEPTIBILITY")),
     ("perfusion", ("PERFUSION", "DSC", "DCE", "ASL", "PWI")),
     ("FLAIR", ("FLAIR", "DARKFLUID", "DARK_FLUID")),
     ("T1C", ("+C", "C+", "POST", "GAD", "GD", "CONTRAST", "CE", "T1C", "T1CE", "T1GD", "T1POST")),
-    ("T2*", ("T2*", "T2STAR", "GRE", "HEMO")),
+    ("T2*", ("T2*", "T2STAR", "HEMO")),
     ("T2", ("T2", "T2W", "T2WI", "TSE_T2", "T2_TSE")),
     ("T1", ("T1", "T1W", "T1WI", "MPRAGE", "SPGR", "BRAVO", "TFE", "FSPGR")),
     ("PD", ("PD", "PDW", "PROTON")),
@@ -98,8 +98,12 @@ def _contrast_marks(upper: str) -> set[str]:
 
 
 def sequence_of(dataset: Any) -> tuple[str, str]:
-    """(sequence, where it was read) from the SeriesDescription's words, else from the acquisition
-    tags; ('unknown', '') when neither says."""
+    """(sequence, where it was read): diffusion from the tags that only diffusion images carry,
+    else from the SeriesDescription's words, else from the acquisition tags (TR, TE, TI, contrast);
+    ('unknown', '') when none says."""
+    diffusion = _diffusion_from_tags(dataset)
+    if diffusion:
+        return diffusion, "diffusion tags"
     description = " ".join(str(dataset.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName"))
     words = _words(description)
     for sequence, names in SEQUENCE_WORDS:
@@ -117,6 +121,18 @@ def _number(dataset: Any, keyword: str) -> float | None:
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _diffusion_from_tags(dataset: Any) -> str | None:
+    """DWI or ADC from ImageType's values or a non-zero DiffusionBValue (vendors' series names
+    for diffusion vary too much to rely on)."""
+    image_type = {str(v).upper() for v in (dataset.get("ImageType") or [])}
+    if image_type & {"ADC", "EADC", "FA"}:
+        return "ADC"
+    b_value = _number(dataset, "DiffusionBValue")
+    if image_type & {"DIFFUSION", "TRACEW"} or (b_value is not None and b_value > 0):
+        return "DWI"
+    return None
 
 
 def _sequence_from_tags(dataset: Any) -> str | None:
@@ -160,6 +176,11 @@ def _frame_geometry(dataset: Any, frames: int) -> tuple[list[Any], Any]:
     if len(per_frame) == frames:
         positions = [(g.get("PlanePositionSequence") or [{}])[0].get("ImagePositionPatient") for g in per_frame]
     return positions, orientation
+
+
+def orientation_of(dataset: Any) -> Any:
+    """ImageOrientationPatient of a plain or an enhanced multi-frame header (None: not given)."""
+    return _frame_geometry(dataset, 1)[1]
 
 
 def dicom_refs(dataset: Any, frames: int) -> list[DicomRef]:

@@ -80,17 +80,58 @@ def _is_confident(prediction: Prediction) -> bool:
     )
 
 
-def _longest_runs(ordered: list[Prediction]) -> dict[str, list[Prediction]]:
-    """For each class, its longest run of adjacent confident slices (in slice order)."""
-    best: dict[str, list[Prediction]] = {}
-    run: list[Prediction] = []
-    for prediction in [*ordered, None]:
-        if run and (prediction is None or not _is_confident(prediction) or prediction.label != run[0].label):
+SAME_POSITION_MM = 0.01  # slices closer than this along the normal are one location (echoes, repeats)
+GAP_FACTOR = 1.5  # a step this many times the series' median step means slices are missing there
+
+
+@dataclass
+class _Location:
+    """One place along the slice normal: the slices there, the class they all confidently agree
+    on (None: they do not), and whether slices are missing between it and the previous place."""
+
+    slices: list[Prediction]
+    label: str | None
+    gap_before: bool = False
+
+
+def _locations(ordered: list[Prediction]) -> list[_Location]:
+    """A series' slices grouped by place: slices at one position along the normal (repeats,
+    echoes, dynamic phases) are one location, so one place seen twice never passes for two
+    adjacent slices; a step far above the median step marks missing slices. Without positions
+    every slice is its own place, with no gaps known."""
+    positions = [p.dicom.position if p.dicom is not None else None for p in ordered]
+    if not ordered or any(v is None for v in positions):
+        return [_Location([p], p.label if _is_confident(p) else None) for p in ordered]
+    groups: list[list[Prediction]] = [[ordered[0]]]
+    for previous, current, prediction in zip(positions, positions[1:], ordered[1:], strict=False):
+        if abs(current - previous) < SAME_POSITION_MM:
+            groups[-1].append(prediction)
+        else:
+            groups.append([prediction])
+    places = [g[0].dicom.position for g in groups]
+    steps = np.abs(np.diff(places))
+    median = float(np.median(steps)) if len(steps) else 0.0
+    gaps = [False] + [bool(step > GAP_FACTOR * median) for step in steps]
+    return [_Location(g, _agreed_label(g), gap) for g, gap in zip(groups, gaps, strict=True)]
+
+
+def _agreed_label(slices: list[Prediction]) -> str | None:
+    labels = {p.label if _is_confident(p) else None for p in slices}
+    return labels.pop() if len(labels) == 1 else None
+
+
+def _longest_runs(locations: list[_Location]) -> dict[str, list[_Location]]:
+    """For each class, its longest run of adjacent confident locations (no gap inside)."""
+    best: dict[str, list[_Location]] = {}
+    run: list[_Location] = []
+    for location in [*locations, None]:
+        ends = location is None or location.label != (run[0].label if run else None) or location.gap_before
+        if run and ends:
             if len(run) > len(best.get(run[0].label, [])):
                 best[run[0].label] = run
             run = []
-        if prediction is not None and _is_confident(prediction):
-            run.append(prediction)
+        if location is not None and location.label is not None:
+            run.append(location)
     return best
 
 
@@ -100,40 +141,50 @@ def series_verdict(ordered: list[Prediction], sequence: str = "unknown") -> tupl
 
     1. most slices refused as not brain MRI -> ``not_brain_mri``;
     2. a sequence the model was never trained on (``UNTRAINED_SEQUENCES``) -> ``indeterminate``;
-    3. a tumour class on at least ``MIN_ADJACENT`` adjacent confident slices -> that class (the
-       longest such run; the key slices are that run);
-    4. a confident tumour slice without a confident neighbour of its class -> ``indeterminate``;
-    5. confident ``notumor`` on at least half of the slices read (and at least two) -> ``notumor``,
-       unless the sequence is one the training data has no tumour slices of (T2, FLAIR);
+    3. a tumour class on at least ``MIN_ADJACENT`` adjacent confident locations -> that class (the
+       longest such run; the key slices are its slices);
+    4. a confident tumour location without a confident neighbour of its class -> ``indeterminate``;
+    5. confident ``notumor`` on at least half of the locations read (and at least two) ->
+       ``notumor``, unless the sequence is one the training data has no tumour slices of (T2, FLAIR);
     6. otherwise ``indeterminate``, with the reason.
-    Confident: read, not refused, not uncertain, not outside the validated range."""
+    Confident: read, not refused, not uncertain, not outside the validated range. A location is
+    a place along the normal (``_locations``): all its slices must agree, and slices missing
+    between two places (a gap in the positions) make them not adjacent."""
     n = len(ordered)
     refused = sum(1 for p in ordered if p.not_brain_mri)
     if refused * 2 > n:
         return NOT_BRAIN_MRI, f"{refused} of {n} slices are not brain MRI", []
     if sequence in UNTRAINED_SEQUENCES:
         return "indeterminate", f"the series is {sequence}, a sequence the model was never trained on", []
-    tumours = {c: r for c, r in _longest_runs(ordered).items() if c != "notumor"}
+    locations = _locations(ordered)
+    tumours = {c: r for c, r in _longest_runs(locations).items() if c != "notumor"}
     if tumours:
-        label, run = max(tumours.items(), key=lambda item: (len(item[1]), max(p.confidence or 0 for p in item[1])))
+        label, run = max(tumours.items(), key=lambda item: (len(item[1]), _top_confidence(item[1])))
+        key = [p for location in run for p in location.slices]
         if len(run) >= MIN_ADJACENT:
-            return label, f"{label} on {len(run)} adjacent confident slices ({_names(run, ordered)})", run
-        lone = [p for p in ordered if _is_confident(p) and p.label != "notumor"]
+            return label, f"{label} on {len(run)} adjacent confident slices ({_names(key, ordered)})", key
+        lone = [p for loc in locations if loc.label not in (None, "notumor") for p in loc.slices]
         reason = f"confident tumour slice(s) without a confident neighbour ({_names(lone, ordered)}): read them"
         return "indeterminate", reason, lone
-    return _normal_or_indeterminate(ordered, sequence)
+    return _normal_or_indeterminate(ordered, locations, sequence)
 
 
-def _normal_or_indeterminate(ordered: list[Prediction], sequence: str) -> tuple[str, str, list[Prediction]]:
-    """Rules 5 and 6 of ``series_verdict``: a series with no confident tumour slice."""
-    read = [p for p in ordered if p.label and not p.not_brain_mri and not p.error]
-    normal = sum(1 for p in ordered if p.label == "notumor" and _is_confident(p))
-    if normal >= MIN_ADJACENT and normal * 2 >= len(read):
+def _top_confidence(run: list[_Location]) -> float:
+    return max(p.confidence or 0.0 for location in run for p in location.slices)
+
+
+def _normal_or_indeterminate(
+    ordered: list[Prediction], locations: list[_Location], sequence: str
+) -> tuple[str, str, list[Prediction]]:
+    """Rules 5 and 6 of ``series_verdict``: a series with no confident tumour location."""
+    read = sum(1 for loc in locations if any(p.label and not p.not_brain_mri and not p.error for p in loc.slices))
+    normal = sum(1 for loc in locations if loc.label == "notumor")
+    if normal >= MIN_ADJACENT and normal * 2 >= read:
         if sequence in NORMAL_ONLY_SEQUENCES:
-            reason = (f"no tumour on {normal} of {len(read)} slices, but the series is {sequence}: the training "
+            reason = (f"no tumour on {normal} of {read} slices, but the series is {sequence}: the training "
                       f"data has no {sequence} tumour slices, so the model cannot rule one out")
             return "indeterminate", reason, []
-        return "notumor", f"no tumour on {normal} of {len(read)} slices read confidently", []
+        return "notumor", f"no tumour on {normal} of {read} slices read confidently", []
     confident = sum(1 for p in ordered if _is_confident(p))
     return "indeterminate", f"too few confident slices to say ({confident} of {len(ordered)})", []
 

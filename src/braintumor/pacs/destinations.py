@@ -52,13 +52,19 @@ class CStoreDestination:
             raise SendError(f"{self}: association refused or no answer")
         try:
             for dataset in datasets:
-                status = association.send_c_store(dataset)
-                code = getattr(status, "Status", None)
-                if code not in STORED:
-                    reason = "no answer" if code is None else f"status 0x{code:04X}"
-                    raise SendError(f"{self}: did not store {dataset.SOPInstanceUID} ({reason})")
+                self._store(association, dataset)
         finally:
             association.release()
+
+    def _store(self, association: Any, dataset: Any) -> None:
+        try:
+            status = association.send_c_store(dataset)
+        except (ValueError, RuntimeError) as exc:  # pynetdicom: the peer accepted no context for this SOP class
+            raise SendError(f"{self}: cannot send {dataset.SOPClassUID.name} ({exc})") from None
+        code = getattr(status, "Status", None)
+        if code not in STORED:
+            reason = "no answer" if code is None else f"status 0x{code:04X}"
+            raise SendError(f"{self}: did not store {dataset.SOPInstanceUID} ({reason})")
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,13 @@ class StowDestination:
         from dicomweb_client.api import DICOMwebClient
 
         try:
-            DICOMwebClient(self.url).store_instances(datasets)
+            response = DICOMwebClient(self.url).store_instances(datasets)
         except Exception as exc:  # noqa: BLE001 - requests' and the server's many failure types
             raise SendError(f"{self}: STOW-RS failed ({type(exc).__name__}: {exc})") from None
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:  # a 202: some instances stored, these not
+            uids = ", ".join(str(item.get("ReferencedSOPInstanceUID", "?")) for item in failed)
+            raise SendError(f"{self}: STOW-RS did not store {uids}")
 
 
 def check_ae_title(value: str, what: str = "AE title") -> str:

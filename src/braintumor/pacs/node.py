@@ -14,7 +14,6 @@ on. Results that cannot be sent stay queued and are tried again every ``retry_se
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import traceback
@@ -47,6 +46,7 @@ class NodeSettings:
     keep_seconds: float = 24 * 3600.0
     allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted (empty: any)
     poll_seconds: float = 0.5
+    min_free_bytes: int = 1 << 30  # below this much free disk, instances are refused (out of resources)
 
 
 class SeriesFailed(BraintumorError):
@@ -65,7 +65,7 @@ class DicomNode:
         self._stop = threading.Event()
         self._server: Any = None
         self._worker: threading.Thread | None = None
-        self._next_send_try = 0.0
+        self._retry_at: dict[str, float] = {}  # outbox folder -> when to try sending it again
         self._listening_since = 0.0  # a series received before a restart waits a quiet period from here
 
     # ------------------------------------------------------------- listening
@@ -116,6 +116,10 @@ class DicomNode:
             return CANNOT_UNDERSTAND
         if str(dataset.get("Manufacturer", "")) == MANUFACTURER:
             return 0x0000  # a result of ours, sent back to us by a routing rule: nothing to classify
+        if self.queue.free_bytes() < self.settings.min_free_bytes:
+            log.error("C-STORE from %s refused: less than %d MiB free for the queue", _caller(event),
+                      self.settings.min_free_bytes >> 20)
+            return OUT_OF_RESOURCES
         try:
             self.queue.store(dataset.get("StudyInstanceUID"), dataset.get("SeriesInstanceUID"),
                              dataset.get("SOPInstanceUID"), event.encoded_dataset())
@@ -130,63 +134,75 @@ class DicomNode:
     # ------------------------------------------------------------- working
 
     def _work(self) -> None:
+        """The worker thread: what a crash left first, then a pass every ``poll_seconds``. A
+        failure outside any one series (a full disk) is logged and the next pass tries again."""
+        self.queue.clean_staging()
         for left in list(self.queue.series_in("work")):  # a crash in the middle of a series
-            self._classify(left)
+            self._classify(self.queue.resume(left))
         while not self._stop.is_set():
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the node must outlive any one failure
+                log.exception("the worker's pass failed; trying again")
             self._stop.wait(self.settings.poll_seconds)
 
     def run_once(self, now: float | None = None) -> None:
-        """Classify every quiet series, send what waits to be sent, forget old done series."""
+        """Classify every quiet series, send what waits to be sent, forget old done and failed series."""
         for folder in self.queue.quiet(self.settings.quiet_seconds, now, self._listening_since):
             self._classify(self.queue.take(folder))
         self._send_waiting(now)
-        self.queue.prune_done(self.settings.keep_seconds, now)
+        self.queue.prune(self.settings.keep_seconds, now)
 
     def _classify(self, work: Path) -> None:
         """One series: its results into the outbox and its images to done, or the series to failed
         with the reason. Any failure stays with this series."""
         started = time.perf_counter()
         try:
-            files, summary = self._results(work)
+            files, summary, report = self._results(work)
+            self.queue.put_results(work, files, summary)
+            self.queue.finish(work, report)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong with one series stays with it
             reason = str(exc) if isinstance(exc, BraintumorError) else f"{type(exc).__name__}: {exc}"
-            log.error("series %s failed: %s", work.name, reason)
+            log.error("series %s failed: %s", work.name, " ".join(reason.split()))
             log.debug("%s", traceback.format_exc())
             self.queue.fail(work, reason)
             return
-        self.queue.put_results(work, files, summary)
-        os.utime(self.queue.move(work, "done"))  # done now: kept keep_seconds from here
         log.info("series %s (%d slices, %s %s): %s (%s) in %.1f s", work.name, summary["n_slices"],
                  summary["plane"], summary["sequence"], summary["label"], summary["reason"],
                  time.perf_counter() - started)
-        self._next_send_try = 0.0  # send it now
 
-    def _results(self, work: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
+    def _results(self, work: Path) -> tuple[dict[str, bytes], dict[str, Any], bytes]:
+        """(result files by name, the summary for results.jsonl, the SR's bytes)."""
         predictions = list(self.classifier.predict_iter([work]))
         read = [p for p in predictions if p.error is None]
         if not read:
             first = predictions[0].error if predictions else "no instances"
             raise SeriesFailed(f"no instance of the series is a readable image ({first})")
-        results = self.reporter.results(read)
+        results = self.reporter.results(read, previous=self.queue.previous_reports(work))
         files = {f"{d.SOPInstanceUID}.dcm": _file_bytes(d) for d in results.datasets()}
         keep = ("label", "reason", "n_slices", "plane", "sequence", "key_slices", "refused", "uncertain",
                 "outside_validated_range", "confident", "study_instance_uid", "series_instance_uid", "description")
         summary = {k: results.summary[k] for k in keep} | {"unreadable": len(predictions) - len(read)}
-        return files, summary
+        if results.note:
+            summary["note"] = results.note
+        return files, summary, files[f"{results.sr.SOPInstanceUID}.dcm"]
 
     def _send_waiting(self, now: float | None) -> None:
+        """Send each outbox folder whose turn has come; one that fails waits ``retry_seconds`` and
+        does not hold up the others."""
         now = time.time() if now is None else now
-        if now < self._next_send_try:
-            return
         for outbox in list(self.queue.series_in("outbox")):
+            if now < self._retry_at.get(outbox.name, 0.0):
+                continue
             try:
                 self.destination.send(_read_results(outbox))
-            except SendError as exc:
+            except Exception as exc:  # noqa: BLE001 - SendError, or results damaged on disk
+                reason = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
                 log.error("results of series %s not sent, will try again in %.0f s: %s", outbox.name,
-                          self.settings.retry_seconds, exc)
-                self._next_send_try = now + self.settings.retry_seconds
-                return
+                          self.settings.retry_seconds, reason)
+                self._retry_at[outbox.name] = now + self.settings.retry_seconds
+                continue
+            self._retry_at.pop(outbox.name, None)
             line = self.queue.record_sent(outbox, str(self.destination))
             log.info("results of series %s (%s) sent to %s", outbox.name, line["label"], self.destination)
 

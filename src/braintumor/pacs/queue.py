@@ -4,13 +4,17 @@ acknowledged or forgotten, so a node killed at any moment loses nothing when it 
     incoming/<study>/<series>/<sop>.dcm  received; waiting for the series to go quiet
     work/<study>/<series>/                being classified (left here by a crash: classified again)
     outbox/<study>/<series>/              results and summary.json, waiting to be sent
-    done/<study>/<series>/                classified and sent; kept ``keep_seconds`` so that a late
-                                          instance joins its series, which is then read again whole
+    done/<study>/<series>/                classified; kept ``keep_seconds`` so that a late instance
+                                          joins its series, which is then read again whole (its
+                                          last SR, in .reports/, becomes the new one's predecessor)
     failed/<study>/<series>/error.txt     a series that could not be classified, with the reason
     results.jsonl                         one line per series sent: its verdict and destination
 
-Each file is written under a temporary name, flushed to disk and renamed into place; each move of
-a series is one rename. A receiving thread and the worker thread can run at the same time.
+Each file is written under a temporary name, flushed to disk and renamed into place, and the folder
+is synced, so what the node acknowledged survives a crash or a power cut. A series moves between
+stages by renames; when a move must merge two folders (a late instance), it can be cut short by a
+crash, and it is finished on start (``resume``) before the series is read. A receiving thread and
+the worker thread can run at the same time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..errors import BraintumorError
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STAGES = ("incoming", "work", "outbox", "done", "failed")
+REPORTS = ".reports"  # inside a series folder: the SRs written for it (hidden: never read as images)
 
 
 class QueueError(BraintumorError):
@@ -44,6 +49,15 @@ def check_uid(value: Any, name: str) -> str:
     return text
 
 
+def _sync_folder(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (the folder's own entry on disk)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     with open(temporary, "wb") as handle:
@@ -51,6 +65,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    _sync_folder(path.parent)
 
 
 class SeriesQueue:
@@ -94,23 +109,38 @@ class SeriesQueue:
         """``folder`` (a series of any stage) moved to ``stage``, merged with what is there already."""
         target = self.series_dir(stage, folder.parent.name, folder.name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            for item in folder.iterdir():
-                os.replace(item, target / item.name)
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            os.replace(folder, target)
-        _remove_if_empty(folder.parent)
+        source_parent = folder.parent
+        _merge(folder, target)
+        _sync_folder(target.parent)
+        _remove_if_empty(source_parent)
         return target
 
     def take(self, folder: Path) -> Path:
         """An incoming series moved to work, with the images of the same series already done (a
         late instance makes the whole series be read again)."""
-        work = self.move(folder, "work")
+        return self.resume(self.move(folder, "work"))
+
+    def resume(self, work: Path) -> Path:
+        """A series in work with whatever of it is still in done: finishes a merge that a crash
+        cut short, so a series is never read with part of its images left behind."""
         done = self.series_dir("done", work.parent.name, work.name)
         if done.exists():
             self.move(done, "work")
         return work
+
+    def previous_reports(self, work: Path) -> list[Any]:
+        """The SRs earlier reads of this series sent (kept in its .reports folder)."""
+        import pydicom
+
+        return [pydicom.dcmread(p) for p in sorted((work / REPORTS).glob("*.dcm"))]
+
+    def finish(self, work: Path, report: bytes) -> Path:
+        """A classified series to done, keeping its SR (the predecessor of any later one)."""
+        (work / REPORTS).mkdir(exist_ok=True)
+        _write_atomically(work / REPORTS / f"{uuid.uuid4().hex}.dcm", report)
+        done = self.move(work, "done")
+        os.utime(done)  # done now: kept keep_seconds from here
+        return done
 
     def put_results(self, work: Path, files: dict[str, bytes], summary: dict[str, Any]) -> Path:
         """The series' result files and summary into its outbox folder (whole or not at all)."""
@@ -122,11 +152,13 @@ class SeriesQueue:
         outbox.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(outbox, ignore_errors=True)  # an older result of the same series is replaced
         os.replace(staging, outbox)
+        _sync_folder(outbox.parent)
         return outbox
 
     def fail(self, work: Path, reason: str) -> Path:
         failed = self.move(work, "failed")
         _write_atomically(failed / "error.txt", (reason + "\n").encode())
+        os.utime(failed)  # failed now: kept keep_seconds from here
         return failed
 
     def record_sent(self, outbox: Path, destination: str) -> dict[str, Any]:
@@ -141,13 +173,37 @@ class SeriesQueue:
         _remove_if_empty(outbox.parent)
         return line
 
-    def prune_done(self, keep_seconds: float, now: float | None = None) -> None:
-        """Forget the images of series done more than ``keep_seconds`` ago."""
+    def prune(self, keep_seconds: float, now: float | None = None) -> None:
+        """Forget series done or failed more than ``keep_seconds`` ago."""
         now = time.time() if now is None else now
-        for folder in self.series_in("done"):
-            if now - folder.stat().st_mtime > keep_seconds:
-                shutil.rmtree(folder, ignore_errors=True)
-                _remove_if_empty(folder.parent)
+        for stage in ("done", "failed"):
+            for folder in self.series_in(stage):
+                if now - folder.stat().st_mtime > keep_seconds:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    _remove_if_empty(folder.parent)
+
+    def clean_staging(self) -> None:
+        """Remove outbox folders a crash left half-written (the series is still in work)."""
+        for staging in (self.root / "outbox").glob(".*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+def _merge(source: Path, target: Path) -> None:
+    """``source`` renamed to ``target``, or, when ``target`` exists, its entries moved in one by one
+    (folders merged the same way): each step is a rename, so a merge cut short can be run again."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    for item in source.iterdir():
+        destination = target / item.name
+        if item.is_dir() and destination.is_dir():
+            _merge(item, destination)
+        else:
+            os.replace(item, destination)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def _remove_if_empty(folder: Path) -> None:

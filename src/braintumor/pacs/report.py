@@ -25,9 +25,11 @@ import pydicom
 
 from .. import __version__
 from ..data.inputs import read_scan
+from ..data.series import orientation_of
 from ..errors import InvalidImageError
 from ..inference.predict import Classifier
 from ..inference.results import NOT_BRAIN_MRI, Prediction, mean_probabilities, summarize_series
+from .queue import check_uid
 
 SCHEME = "99BRTMR"  # a private coding scheme (DICOM PS3.16: designators starting 99 are local)
 MEANINGS = {
@@ -39,6 +41,9 @@ COUNTS = {"refused": "Slices refused as not brain MRI", "uncertain": "Slices fla
 VERDICT_NAME = ("VERDICT", "Series verdict")  # the qualitative evaluation that holds the verdict, in SCHEME
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 MANUFACTURER = "braintumor"
+# What the results copy from the source into the patient and study modules (PS3.3 type 2).
+PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                     "StudyDate", "StudyTime", "ReferringPhysicianName")
 CAPTION_NOTE = "braintumor: research use, not a diagnosis"
 
 
@@ -67,11 +72,19 @@ def _source_file(prediction: Prediction) -> Path:
 
 
 def _header(prediction: Prediction) -> Any:
-    """The source file's header without pixel data: what the SR's evidence and references need."""
+    return _header_of(_source_file(prediction))
+
+
+def _header_of(path: Path) -> Any:
+    """A source file's header without pixel data: what the SR's evidence and references need."""
     try:
-        return pydicom.dcmread(_source_file(prediction), stop_before_pixels=True)
+        header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - the file changed or vanished since it was read
-        raise InvalidImageError(f"{_source_file(prediction)}: cannot read its DICOM header again ({exc})") from None
+        raise InvalidImageError(f"{path}: cannot read its DICOM header again ({exc})") from None
+    for keyword in PATIENT_AND_STUDY:  # type 2: present, empty when unknown (converted files often lack them)
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 @dataclass
@@ -80,14 +93,16 @@ class SeriesResults:
 
     summary: dict[str, Any]
     sr: Any  # highdicom Comprehensive3DSR
-    capture: Any | None  # highdicom SCImage, None when no slice was classified
+    capture: Any | None  # highdicom SCImage, None when no slice was classified or it cannot be oriented
+    note: str | None = None  # why there is no Secondary Capture, when that is not obvious
 
     def datasets(self) -> list[Any]:
         return [self.sr] + ([self.capture] if self.capture is not None else [])
 
     def save(self, folder: Path) -> list[Path]:
-        """Write each instance as ``<SOPInstanceUID>.dcm`` under ``folder/<StudyInstanceUID>``."""
-        target = folder / str(self.sr.StudyInstanceUID)
+        """Write each instance as ``<SOPInstanceUID>.dcm`` under ``folder/<StudyInstanceUID>`` (a
+        UID that could not name a folder safely is refused)."""
+        target = folder / check_uid(self.sr.StudyInstanceUID, "StudyInstanceUID")
         target.mkdir(parents=True, exist_ok=True)
         paths = []
         for dataset in self.datasets():
@@ -107,8 +122,10 @@ class SeriesReporter:
     def identity(self) -> ModelIdentity:
         return ModelIdentity.of(self.classifier)
 
-    def results(self, predictions: list[Prediction]) -> SeriesResults:
-        """The results of one DICOM series' slice predictions (any order)."""
+    def results(self, predictions: list[Prediction], previous: list[Any] | None = None) -> SeriesResults:
+        """The results of one DICOM series' slice predictions (any order). ``previous``: SRs this
+        one replaces (an earlier verdict on fewer of the series' instances), referenced as its
+        predecessors so that a viewer shows the newest."""
         if not predictions or any(p.dicom is None or not p.dicom.series_uid for p in predictions):
             raise InvalidImageError(
                 f"{predictions[0].path if predictions else 'series'}: DICOM results need DICOM source slices"
@@ -118,12 +135,12 @@ class SeriesReporter:
         by_path = {p.path: p for p in predictions}
         key = [by_path[path] for path in summary["key_paths"]]
         shown = _shown_slice(key, predictions, summary["label"])
-        sr = self._structured_report(summary, key or [_first(predictions)])
-        capture = self._capture(shown, summary) if shown is not None else None
-        return SeriesResults(summary, sr, capture)
+        sr = self._structured_report(summary, key or [_first(predictions)], previous or [])
+        capture, note = self._capture(shown, summary) if shown is not None else (None, None)
+        return SeriesResults(summary, sr, capture, note)
 
-    def _structured_report(self, summary: dict[str, Any], referenced: list[Prediction]) -> Any:
-        headers = [_header(p) for p in referenced]
+    def _structured_report(self, summary: dict[str, Any], referenced: list[Prediction], previous: list[Any]) -> Any:
+        headers, sources = _sources(referenced)
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=self._uid(summary, "tracking"), identifier="braintumor series verdict"
@@ -136,7 +153,7 @@ class SeriesReporter:
             finding_sites=[hd.sr.FindingSite(_code("SCT", "12738006", "Brain"))],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(VERDICT, _finding(summary))],
             measurements=self._measurements(summary),
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+            source_images=sources,
         )
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(_code("DCM", "121106", "Comment"), _comment(summary), relationship_type="CONTAINS")
@@ -146,9 +163,10 @@ class SeriesReporter:
             imaging_measurements=[group],
         )
         return hd.sr.Comprehensive3DSR(
-            evidence=headers, content=report[0], series_instance_uid=self._uid(summary, "sr series"),
-            series_number=SR_SERIES_NUMBER, sop_instance_uid=self._uid(summary, "sr"), instance_number=1,
-            manufacturer=MANUFACTURER, series_description=f"braintumor: {summary['label']}", is_complete=True,
+            evidence=headers, content=report[0], series_instance_uid=self._uid(summary, "sr series", stable=True),
+            series_number=SR_SERIES_NUMBER, sop_instance_uid=self._uid(summary, "sr"),
+            instance_number=len(previous) + 1, manufacturer=MANUFACTURER,
+            series_description="braintumor series verdict", is_complete=True, previous_versions=previous or None,
         )
 
     def _measurements(self, summary: dict[str, Any]) -> list[Any]:
@@ -174,35 +192,65 @@ class SeriesReporter:
                                          observer_identifying_attributes=device)
         return hd.sr.ObservationContext(observer_device_context=observer)
 
-    def _capture(self, shown: Prediction, summary: dict[str, Any]) -> Any:
-        """The shown slice at its own size with the Grad-CAM overlay of its class and a caption."""
+    def _capture(self, shown: Prediction, summary: dict[str, Any]) -> tuple[Any | None, str | None]:
+        """(the Secondary Capture, None), or (None, why there is none): the shown slice at its own
+        size with the Grad-CAM overlay of its class and a caption."""
         from ..inference.explain import overlay
 
+        header = _header(shown)
+        orientation = _patient_orientation(header)
+        if orientation is None:
+            return None, "no Secondary Capture: the source gives no ImageOrientationPatient to orient it by"
         [explanation] = self.classifier.explain(_reread(shown))
         picture = _captioned(overlay(explanation.pixels, explanation.heatmap), summary, shown, explanation.target)
-        header = _header(shown)
-        return hd.sc.SCImage.from_ref_dataset(
+        capture = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=picture, photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", patient_orientation=_patient_orientation(header),
-            series_instance_uid=self._uid(summary, "sc series"),
+            coordinate_system="PATIENT", patient_orientation=orientation,
+            series_instance_uid=self._uid(summary, "sc series", stable=True),
             series_number=SC_SERIES_NUMBER, sop_instance_uid=self._uid(summary, "sc"), instance_number=1,
-            manufacturer=MANUFACTURER, series_description=f"braintumor Grad-CAM: {summary['label']}",
+            manufacturer=MANUFACTURER, series_description="braintumor Grad-CAM of the key slice",
         )
+        return capture, None
 
-    def _uid(self, summary: dict[str, Any], what: str) -> str:
-        """The same UID for the same slices read by the same weights; new ones when a late
-        instance joins the series, so the fuller result does not collide with the first."""
-        return _uid(str(summary["series_instance_uid"]), summary["instances"], self.identity.sha256, what)
+    def _uid(self, summary: dict[str, Any], what: str, stable: bool = False) -> str:
+        """UIDs from the source series and the weights: series UIDs (``stable``) stay the same when
+        the series is read again, so each version of the result lands in one series; instance
+        UIDs also depend on the instances read, so the same slices give the same instance (a PACS
+        keeps one copy) and a series that grew gives a new one."""
+        parts = [str(summary["series_instance_uid"]), self.identity.sha256, what]
+        return _uid(*parts) if stable else _uid(*parts, summary["instances"])
 
 
-def _patient_orientation(header: Any) -> tuple[str, str]:
-    """The patient directions of the rows and columns (PS3.3 C.7.6.1.1.1: L/R, P/A, H/F), from
-    ImageOrientationPatient; each cosine's strongest axis decides. Without one: ('', ''), which
-    says the direction is not known."""
+def _sources(referenced: list[Prediction]) -> tuple[list[Any], list[Any]]:
+    """(one header per source file, the SR's references to the slices): a multi-frame file is
+    referenced once, with the numbers (from 1) of its frames."""
+    frames: dict[Path, list[int]] = {}
+    for prediction in referenced:
+        frame = prediction.dicom.frame if prediction.dicom is not None else None
+        frames.setdefault(_source_file(prediction), []).extend([] if frame is None else [frame + 1])
+    headers = [_header_of(path) for path in frames]
+    return headers, [_reference(h, numbers) for h, numbers in zip(headers, frames.values(), strict=True)]
+
+
+def _reference(header: Any, frames: list[int]) -> Any:
+    """A reference to an image, to its ``frames`` when its IOD has frames (Enhanced MR); a
+    multi-frame file of a single-frame IOD (legacy MR with NumberOfFrames) is referenced whole."""
     try:
-        cosines = [float(v) for v in header.ImageOrientationPatient]
-    except (AttributeError, TypeError, ValueError):
-        return "", ""
+        return hd.sr.SourceImageForMeasurementGroup.from_source_image(header, referenced_frame_numbers=frames or None)
+    except TypeError:  # highdicom: "does not represent a multi-frame dataset"
+        return hd.sr.SourceImageForMeasurementGroup.from_source_image(header)
+
+
+def _patient_orientation(header: Any) -> tuple[str, str] | None:
+    """The patient directions of the rows and columns (PS3.3 C.7.6.1.1.1: L/R, P/A, H/F), from
+    ImageOrientationPatient (of the header, or of an enhanced header's functional groups); each
+    cosine's strongest axis decides. None without one."""
+    try:
+        cosines = [float(v) for v in orientation_of(header)]
+    except (TypeError, ValueError):
+        return None
+    if len(cosines) != 6:
+        return None
     letters = (("R", "L"), ("A", "P"), ("F", "H"))
 
     def direction(vector: list[float]) -> str:
@@ -248,7 +296,10 @@ def _shown_slice(key: list[Prediction], predictions: list[Prediction], label: st
 def _reread(prediction: Prediction) -> Any:
     """The slice of ``prediction`` read again from its file (the frame, for a multi-frame file)."""
     slices = read_scan(_source_file(prediction))
-    return next(s for s in slices if s.source == prediction.path)
+    found = next((s for s in slices if s.source == prediction.path), None)
+    if found is None:
+        raise InvalidImageError(f"{prediction.path}: no longer in its file")
+    return found
 
 
 def _captioned(picture: np.ndarray, summary: dict[str, Any], shown: Prediction, target: str | None) -> np.ndarray:
