@@ -104,20 +104,35 @@ def test_orthanc_routes_a_series_to_the_node_and_gets_the_results_in_the_study(
     orthanc: Orthanc, start_node: Callable, tmp_path: Path
 ) -> None:
     files = write_series(GLIOMA_SERIES, tmp_path / "series")
+    files.append(_pydicom_sample_in(files, tmp_path / "series" / "sample.dcm"))
     series_id = orthanc.upload(files)
     start_node(tmp_path / "queue", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", orthanc.node_port)
     job = httpx.post(f"{orthanc.http}/modalities/braintumor/store", json=series_id, timeout=30).json()
-    assert job["InstancesCount"] == 4 and job["FailedInstancesCount"] == 0
+    assert job["InstancesCount"] == 5 and job["FailedInstancesCount"] == 0
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     results = _results_in_orthanc(orthanc, source.StudyInstanceUID)
     label, measured = _verdict(orthanc.instance_file(results["SR"]))
-    assert label == "glioma" and measured["Slices in the series"] == 4
+    assert label == "glioma" and measured["Slices in the series"] == 5
+    assert measured["Slices refused as not brain MRI"] == 1  # pydicom's 20 mm MR sample is no whole brain slice
     capture = pydicom.dcmread(io.BytesIO(orthanc.instance_file(results["OT"])))
     assert capture.StudyInstanceUID == source.StudyInstanceUID and capture.PatientID == source.PatientID
     log = tmp_path / "queue" / "results.jsonl"  # written just after the destination confirmed
     sent = wait_for(lambda: log.exists() and [json.loads(line) for line in log.read_text().splitlines()], 10,
                     "results.jsonl")
     assert [s["label"] for s in sent] == ["glioma"] and sent[0]["key_slices"] == [1, 2]
+
+
+def _pydicom_sample_in(series: list[Path], path: Path) -> Path:
+    """pydicom's own MR sample file (its pixels and header) made the next slice of ``series``."""
+    from pydicom.data import get_testdata_file
+
+    sample, last = pydicom.dcmread(get_testdata_file("MR_small.dcm")), pydicom.dcmread(series[-1])
+    sample.StudyInstanceUID, sample.SeriesInstanceUID = last.StudyInstanceUID, last.SeriesInstanceUID
+    sample.SOPInstanceUID = sample.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    sample.ImagePositionPatient = [*last.ImagePositionPatient[:2], last.ImagePositionPatient[2] + 5]
+    sample.SeriesDescription, sample.InstanceNumber = last.SeriesDescription, last.InstanceNumber + 1
+    sample.save_as(path)
+    return path
 
 
 def _c_store(port: int, files: list[Path]) -> None:
