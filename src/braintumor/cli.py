@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, TextIO
 
 import typer
 
-from .errors import BraintumorError
+from .errors import BraintumorError, one_line
 
 if TYPE_CHECKING:
     from .inference.predict import Classifier
@@ -41,10 +41,6 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" is no result
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per module it copies
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -364,7 +360,7 @@ def _write_dicom_results(series: SeriesCollector, classifier: Classifier, out: P
             written = results.save(out)
         except Exception as exc:  # noqa: BLE001 - one series' failure is that series' one-line error
             reason = str(exc) if isinstance(exc, (BraintumorError, OSError)) else f"{type(exc).__name__}: {exc}"
-            typer.echo(f"error: DICOM results of {group[0].path}: {_one_line(reason)}", err=True)
+            typer.echo(f"error: DICOM results of {group[0].path}: {one_line(reason)}", err=True)
             failed += 1
             continue
         summary = results.summary

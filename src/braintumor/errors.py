@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def one_line(message: str) -> str:
+    """``message`` with every run of whitespace (newlines from decoders included) made one space."""
+    return " ".join(message.split())
+
+
 class BraintumorError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES
-from ..errors import InvalidImageError, UnsupportedFileType
+from ..errors import InvalidImageError, UnsupportedFileType, one_line
 from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
 from .medical import dicom_frames, nifti_slices
 from .series import DicomRef
@@ -161,15 +161,11 @@ def read_scan(source: str | Path | bytes, name: str | None = None) -> list[Slice
     try:
         return _read_scan(source, label)
     except InvalidImageError as exc:
-        raise type(exc)(_one_line(str(exc))) from None
+        raise type(exc)(one_line(str(exc))) from None
     except MemoryError:
         raise InvalidImageError(f"{label}: too large to decode in this process's memory") from None
     except Exception as exc:  # noqa: BLE001 - a decoder's own failure on a damaged or hostile file
-        raise InvalidImageError(_one_line(f"{label}: cannot read ({type(exc).__name__}: {exc})")) from None
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
+        raise InvalidImageError(one_line(f"{label}: cannot read ({type(exc).__name__}: {exc})")) from None
 
 
 def _read_scan(source: str | Path | bytes, label: str) -> list[Slice]:

@@ -26,6 +26,14 @@ from ..errors import CheckpointError
 WEIGHTS_FORMAT = "braintumor-weights/1"
 
 
+def weights_sha256(path: Path) -> str:
+    """The full SHA-256 of a weights file: what names the exact model in exports, the service's
+    model information and DICOM results."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]) -> None:
     """Write a model state dict and JSON-encoded metadata to ``path`` atomically."""
     path = Path(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from ..data.transforms import Preprocessing
 from ..errors import CheckpointError
+from .checkpoint import weights_sha256
 from .ood import OODGuard
 from .spec import ModelSpec
 
@@ -140,7 +140,7 @@ def save_proto(proto, out: Path) -> Path:
 
 def source_of(weights: Path) -> str:
     """What an exported graph records as its origin: the weights' name and full SHA-256."""
-    return f"{weights.name} sha256:{hashlib.sha256(weights.read_bytes()).hexdigest()}"
+    return f"{weights.name} sha256:{weights_sha256(weights)}"
 
 
 def probe_pixels(size: int, count: int = 6, seed: int = 0) -> torch.Tensor:

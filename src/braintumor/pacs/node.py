@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BraintumorError
+from ..errors import BraintumorError, one_line
 from ..inference.predict import Classifier
 from .destinations import Destination, SendError
 from .queue import QueueError, SeriesQueue
@@ -163,7 +163,7 @@ class DicomNode:
             self.queue.finish(work, report)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong with one series stays with it
             reason = str(exc) if isinstance(exc, BraintumorError) else f"{type(exc).__name__}: {exc}"
-            log.error("series %s failed: %s", work.name, " ".join(reason.split()))
+            log.error("series %s failed: %s", work.name, one_line(reason))
             log.debug("%s", traceback.format_exc())
             self.queue.fail(work, reason)
             return

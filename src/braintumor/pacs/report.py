@@ -29,6 +29,7 @@ from ..data.series import orientation_of
 from ..errors import InvalidImageError
 from ..inference.predict import Classifier
 from ..inference.results import NOT_BRAIN_MRI, Prediction, mean_probabilities, summarize_series
+from ..models.checkpoint import weights_sha256
 from .queue import check_uid
 
 SCHEME = "99BRTMR"  # a private coding scheme (DICOM PS3.16: designators starting 99 are local)
@@ -59,7 +60,7 @@ class ModelIdentity:
     @classmethod
     def of(cls, classifier: Classifier) -> ModelIdentity:
         path = classifier.weights_path
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else "unknown"
+        digest = weights_sha256(path) if path is not None and path.is_file() else "unknown"
         return cls(classifier.spec.architecture, __version__, path.name if path else "in memory", digest)
 
 

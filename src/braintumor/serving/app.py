@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +43,7 @@ from ..errors import BraintumorError, InvalidImageError, UnsupportedFileType
 from ..inference.explain import METHODS, overlay
 from ..inference.predict import DEFAULT_CAM_METHOD, Classifier
 from ..inference.results import Prediction, prediction_objects
+from ..models.checkpoint import weights_sha256
 from .batcher import PredictionBatcher
 from .security import AccessGuard, AccessPolicy
 
@@ -156,7 +156,7 @@ def _png(array: np.ndarray) -> bytes:
 def model_info(classifier: Classifier) -> dict[str, Any]:
     """What ``GET /v1/model`` answers: enough for a client to check it talks to the right model."""
     spec, path = classifier.spec, classifier.weights_path
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+    digest = weights_sha256(path) if path is not None and path.is_file() else None
     return {
         "model": spec.architecture,
         "class_names": list(spec.class_names),
