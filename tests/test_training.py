@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 from braintumor.errors import ConfigError
 from braintumor.models.checkpoint import read_metadata
+from braintumor.training import engine
 from braintumor.training import fit as fit_module
 from braintumor.training.config import resolve_config
+from braintumor.training.engine import training_loss
 from braintumor.training.fit import fit
 
 
@@ -111,11 +113,36 @@ def test_refit_without_validation_keeps_the_last_epoch(kaggle_tree: Path, tmp_pa
     assert read_metadata(tmp_path / "refit" / "best.safetensors")["training_data"]["n_val"] == 0
 
 
-def test_label_smoothing_reaches_the_loss(kaggle_tree: Path, tmp_path: Path) -> None:
-    """Same data, seed and start: smoothed targets give a higher loss than hard ones."""
-    plain = fit(_config(kaggle_tree, tmp_path / "plain", epochs=1), progress=False)
-    smooth = fit(_config(kaggle_tree, tmp_path / "smooth", epochs=1, label_smoothing=0.3), progress=False)
-    assert smooth["history"][0]["train_loss"] > plain["history"][0]["train_loss"]
+def test_smoothed_loss_is_the_smoothed_cross_entropy() -> None:
+    """On fixed logits: smoothing 0 is plain cross-entropy; smoothing e mixes it with the mean
+    negative log-probability over all classes, (1 - e) * CE + e * mean(-log p)."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0]])
+    targets = torch.tensor([0, 2])
+    log_p = torch.log_softmax(logits, 1)
+    hard = -log_p[torch.arange(2), targets].mean()
+    uniform = -log_p.mean(1).mean()
+    assert torch.allclose(training_loss(logits, targets), hard)
+    assert torch.allclose(training_loss(logits, targets, 0.3), 0.7 * hard + 0.3 * uniform)
+    # confident and right: smoothing costs loss; confident and wrong it would not help
+    assert training_loss(logits, targets, 0.3) > training_loss(logits, targets)
+
+
+def test_label_smoothing_reaches_every_training_step(
+    kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configured smoothing is what each optimisation step's loss is computed with. Checked
+    with a spy, not by comparing two runs' losses: which of two trajectories ends higher depends on
+    the CPU's arithmetic (bf16 autocast or fp32), not on smoothing."""
+    seen: list[float] = []
+    real_loss = engine.training_loss
+
+    def spy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        seen.append(label_smoothing)
+        return real_loss(logits, targets, label_smoothing)
+
+    monkeypatch.setattr(engine, "training_loss", spy)
+    fit(_config(kaggle_tree, tmp_path / "smooth", epochs=1, label_smoothing=0.3), progress=False)
+    assert seen and set(seen) == {0.3}
 
 
 def test_weight_average_is_what_gets_validated_kept_and_resumed(

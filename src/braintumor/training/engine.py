@@ -106,7 +106,7 @@ def _optimise(step: TrainingStep, inputs: torch.Tensor, targets: torch.Tensor) -
     """One forward, backward and optimizer step; returns (logits, loss)."""
     with step.runtime.autocast():
         logits = step.model(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=step.label_smoothing)
+        loss = training_loss(logits, targets, step.label_smoothing)
     step.optimizer.zero_grad(set_to_none=True)
     if step.scaler is not None:
         step.scaler.scale(loss).backward()
@@ -119,6 +119,14 @@ def _optimise(step: TrainingStep, inputs: torch.Tensor, targets: torch.Tensor) -
     if step.ema is not None:
         step.ema.update_parameters(step.model)
     return logits, loss
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against targets smoothed by ``label_smoothing``: the true class gets
+    ``1 - label_smoothing`` of the mass plus its share of ``label_smoothing`` spread evenly over
+    all classes. Computed in fp32 even under bf16 autocast, where a loss rounded to 8 bits of
+    mantissa would make steps depend on the CPU's arithmetic more than they need to."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
 def evaluate(
