@@ -1,6 +1,7 @@
 """Fit a model's temperature and uncertainty threshold on its validation split and the shift suite.
 
-Run: python scripts/calibrate.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--target-accuracy 0.99]
+Run: python scripts/calibrate.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--run RUN]
+         [--target-accuracy 0.99]
 
 Uses the validation images the model was selected on (docs/training/split.json: leak-free, never
 trained on) twice: as they are, and under every shift of the shift suite (braintumor.evaluation.shifts: the
@@ -31,7 +32,7 @@ from shipped_data import (  # noqa: E402  (scripts/ is on the path)
     labels_of,
     network_outputs,
     shifted_suite,
-    validation_mask,
+    training_set,
     weights_argument,
 )
 
@@ -80,9 +81,8 @@ def main() -> None:
     weights_argument(parser)
     args = parser.parse_args()
     classifier, weights = classifier_for(args.weights)
-    training, training_pixels = decoded_split(args.data, "Training")
-    is_val = validation_mask(training)
-    val_pixels, val_labels = training_pixels[is_val], labels_of(training)[is_val]
+    _, training_pixels, training_labels, is_val = training_set(args.data, args.run)
+    val_pixels, val_labels = training_pixels[is_val], training_labels[is_val]
     shifted_pixels, shifted_labels = shifted_suite(val_pixels, val_labels)
     val_logits, shifted_logits = network_outputs(classifier, val_pixels)[0], network_outputs(classifier, shifted_pixels)[0]
     fit_logits, fit_labels = np.concatenate([val_logits, shifted_logits]), np.concatenate([val_labels, shifted_labels])
@@ -103,7 +103,8 @@ def main() -> None:
     summary = {
         "weights": str(args.weights) if args.weights else "packaged weights",
         "temperature": temperature,
-        "fitted_on": "validation split (docs/training/split.json) plus the same images under every shift of the suite",
+        "fitted_on": ("validation split" + (f" of every source of {args.run.name}" if args.run else " (docs/training/split.json)")
+                      + " plus the same images under every shift of the suite"),
         "target_accuracy": args.target_accuracy,
         "uncertainty_threshold": threshold,
         "sets": {name: measured(logits, labels, temperature, threshold) for name, (logits, labels) in sets.items()},

@@ -1,9 +1,10 @@
 """Fit a model's out-of-distribution guard (both of its thresholds) and measure it.
 
-Run: python scripts/fit_ood.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--keep-weights]
+Run: python scripts/fit_ood.py --data DATA_ROOT [--external PMRAM_ROOT] [--weights FILE] [--run RUN] [--keep-weights]
 
 Fits the guard (see braintumor.models.ood) on the features of the model's training images (Training minus
-the validation split in docs/training/split.json) and sets its two thresholds on real scans only:
+the validation split in docs/training/split.json; with --run, the training images of every source of
+that run, less its validation split) and sets its two thresholds on real scans only:
 - ``range_threshold`` (outside the validated range): the ``--range-percentile`` (99) of the
   validation scans' scores; a slice beyond it is classified but flagged, as the validation
   accuracy does not vouch for it;
@@ -40,11 +41,10 @@ from PIL import Image  # noqa: E402
 from shipped_data import (  # noqa: E402  (scripts/ is on the path)
     classifier_for,
     decoded_split,
-    labels_of,
     network_outputs,
     shifted_suite,
     split_features,
-    validation_mask,
+    training_set,
     weights_argument,
 )
 
@@ -166,10 +166,10 @@ def main() -> None:
     def features(pixels: np.ndarray) -> np.ndarray:
         return network_outputs(classifier, pixels)[1]
 
-    training, training_pixels, all_features = split_features(classifier, args.data, "Training")
-    is_val = validation_mask(training)
+    training, training_pixels, training_labels, is_val = training_set(args.data, args.run)
+    all_features = features(training_pixels)
     guard = fit_guard(all_features[~is_val], all_features[is_val], args.percentile)
-    shifted_pixels, _ = shifted_suite(training_pixels[is_val], labels_of(training)[is_val])
+    shifted_pixels, _ = shifted_suite(training_pixels[is_val], training_labels[is_val])
     val_scores, shifted_scores = guard.score(all_features[is_val]), guard.score(features(shifted_pixels))
     fit_thresholds(guard, val_scores, shifted_scores, args)
     classifier.guard = guard

@@ -1,9 +1,11 @@
 """What the scripts that fit and measure a model's calibration and guard share.
 
-The validation split the model was selected on (``docs/training/split.json``: leak-free, never
-trained on), the decoded Kaggle splits and an external class-folder set, the same validation
-images under every shift of the shift suite (``braintumor.evaluation.shifts``), and the network's logits and
-pooled features.
+The training images and the validation split the model was selected on: by default the Kaggle
+Training split and ``docs/training/split.json`` (leak-free, never trained on); with ``--run RUN``,
+every source of that training run and its own split, recomputed from the run's ``config.yaml``
+(the same subjects and images as in training). Also the decoded Kaggle splits and an external
+class-folder set, the same validation images under every shift of the shift suite
+(``braintumor.evaluation.shifts``), and the network's logits and pooled features.
 """
 
 from __future__ import annotations
@@ -22,8 +24,30 @@ SPLIT_FILE = Path("docs/training/split.json")
 
 
 def weights_argument(parser) -> None:
-    """The --weights option every fitting script takes (default: the packaged weights)."""
+    """The --weights and --run options every fitting script takes (default: the packaged weights,
+    trained on Kaggle Training alone)."""
     parser.add_argument("--weights", type=Path, default=None, help="weights file to fit and rewrite (default: the packaged model)")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="training run folder whose sources and split the weights were trained and selected on "
+                             "(default: Kaggle Training and docs/training/split.json)")
+
+
+def training_set(data: Path, run: Path | None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """The images the model trained and validated on: (samples, decoded pixels, labels, is-validation
+    mask); from ``run``'s sources and split when given, else Kaggle Training and ``SPLIT_FILE``."""
+    if run is None:
+        samples, pixels = decoded_split(data, "Training")
+        return samples, pixels, labels_of(samples), validation_mask(samples)
+    import tempfile
+
+    from braintumor.training.config import resolve_config
+    from braintumor.training.fit import prepare_data
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = prepare_data(resolve_config(run / "config.yaml", out=Path(scratch) / "unused"), progress=False)
+    is_val = np.zeros(len(prepared.images), dtype=bool)
+    is_val[prepared.val_index] = True
+    return prepared.images, prepared.pixels.numpy(), prepared.labels.numpy(), is_val
 
 
 def classifier_for(weights: Path | None) -> tuple[Classifier, Path]:

@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +54,23 @@ def kaggle_tree(tmp_path: Path) -> Path:
     write_tree(root / "Training", {name: 12 for name in CLASSES}, seed=1)
     write_tree(root / "Testing", {name: 4 for name in CLASSES}, seed=2)
     return root
+
+
+def kill_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, train: Callable[[], object]) -> None:
+    """Run ``train`` as if the process were killed right after its first epoch's checkpoint was
+    written (what ``--resume`` must recover from); checkpoints are saved normally afterwards."""
+    from braintumor.training import fit as fit_module
+
+    real_save = fit_module.save_training_state
+
+    def save_then_die(path: Path, state: dict) -> None:
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(fit_module, "save_training_state", real_save)
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from braintumor.errors import ConfigError
 from braintumor.models.checkpoint import read_metadata
 from braintumor.training import engine
-from braintumor.training import fit as fit_module
 from braintumor.training.config import resolve_config
 from braintumor.training.engine import training_loss
 from braintumor.training.fit import fit
+from conftest import kill_after_first_checkpoint
 
 
 def _config(data: Path, out: Path, **overrides: object):
@@ -47,16 +47,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
 ) -> None:
     fit(_config(kaggle_tree, tmp_path / "whole", epochs=2, lr_schedule="cosine"), progress=False)
 
-    real_save = fit_module.save_training_state
-
-    def save_then_die(path: Path, state: dict) -> None:
-        real_save(path, state)
-        raise KeyboardInterrupt  # the process is killed right after epoch 1's checkpoint
-
-    monkeypatch.setattr(fit_module, "save_training_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine"), progress=False)
-    monkeypatch.setattr(fit_module, "save_training_state", real_save)
+    killed = _config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine")
+    kill_after_first_checkpoint(monkeypatch, lambda: fit(killed, progress=False))
     result = fit(_config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine", resume=True), progress=False)
 
     assert len(result["history"]) == 2
@@ -158,20 +150,12 @@ def test_weight_average_is_what_gets_validated_kept_and_resumed(
     weight = "classifier.1.weight"
     assert not torch.allclose(last["ema"]["module." + weight], last["model"][weight])
 
-    real_save = fit_module.save_training_state
-
-    def save_then_die(path: Path, state: dict) -> None:
-        real_save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fit_module, "save_training_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_config(kaggle_tree, tmp_path / "killed", **settings), progress=False)
+    killed = _config(kaggle_tree, tmp_path / "killed", **settings)
+    kill_after_first_checkpoint(monkeypatch, lambda: fit(killed, progress=False))
     after_one = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     best = load_file(tmp_path / "killed" / "best.safetensors")  # epoch 1 is always the best so far
     assert all(torch.equal(best[k], after_one["ema"]["module." + k]) for k in best)
     assert not torch.equal(best[weight], after_one["model"][weight])
-    monkeypatch.setattr(fit_module, "save_training_state", real_save)
     fit(_config(kaggle_tree, tmp_path / "killed", resume=True, **settings), progress=False)
     resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     for key, tensor in last["ema"].items():

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, List, Optional, TextIO
 
 import typer
 
@@ -50,7 +50,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., help="Data root: Kaggle layout (Training/, Testing/) or class folders."),
+    data: List[Path] = typer.Option(
+        [], help="Data root: Kaggle layout (Training/, Testing/) or class folders. Give it once per source "
+        "(in the order of the config's sources:, whose roots it replaces), or leave it to the config.",
+    ),
     out: Path = typer.Option(..., help="Run folder to create (or to resume with --resume)."),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings; command-line options win."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 20)."),
@@ -430,9 +433,14 @@ def audit(
         "Kaggle images on 2 cores)."),
     external: Path | None = typer.Option(
         None, help="A class-folder set (or Kaggle layout: its Testing/) to also score the cue classifiers on."),
+    source: List[str] = typer.Option(
+        [], metavar="NAME=ROOT", help="Another training source (repeatable; its manifest.csv, if any, gives "
+        "subject, sequence and plane): then also audit how well trivial cues tell the sources, sequences and "
+        "planes apart inside each class, and the class across all sources (sources.json, source_shortcuts.png)."),
 ) -> None:
     """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list;
-    then the shortcut audit: how far trivial, non-anatomical cues predict the label."""
+    then the shortcut audit: how far trivial, non-anatomical cues predict the label; with --source, the
+    same across several training sources."""
     from .data.datasets import resolve_split_dir
     from .evaluation.audit import audit as run_audit
     from .evaluation.audit import write_report
@@ -442,6 +450,7 @@ def audit(
         resolve_split_dir(data, "Testing")  # a missing root: one line and exit 2, before any work
         if external is not None and shortcuts:
             resolve_split_dir(external, "Testing")
+        sources = _audit_sources(data, source)
         report = run_audit(data, threshold=threshold)
         write_report(report, out, data)
     except BraintumorError as exc:
@@ -459,21 +468,55 @@ def audit(
     )
     if shortcuts:
         _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
+    if len(sources) > 1:
+        _source_audit(sources, out)
+
+
+def _audit_sources(data: Path, specs: list[str]) -> tuple:
+    """The sources named by ``--source NAME=ROOT`` after ``data`` (named after its folder); a source's
+    ``manifest.csv`` is read when it has one."""
+    from .data.datasets import resolve_split_dir
+    from .data.sources import Source
+
+    sources = [Source(data.resolve().name, data)]
+    for spec in specs:
+        name, _, root = spec.partition("=")
+        if not name or not root:
+            raise BraintumorError(f"--source {spec!r}: expected NAME=ROOT")
+        root_path = Path(root)
+        resolve_split_dir(root_path, "Training")
+        manifest = Path("manifest.csv") if (root_path / "manifest.csv").is_file() else None
+        sources.append(Source(name, root_path, manifest))
+    return tuple(sources)
+
+
+def _source_audit(sources: tuple, out: Path) -> None:
+    from .evaluation.source_audit import source_audit, source_summary_lines, write_source_report
+
+    _report_to(out, "source report", lambda: source_audit(sources), write_source_report, source_summary_lines)
 
 
 def _shortcut_audit(data: Path, out: Path, external: Path | None, leak_free: set[Path]) -> None:
     from .evaluation.shortcuts import shortcut_audit, summary_lines, write_shortcut_report
 
+    def compute() -> dict:
+        return shortcut_audit(data, external=external, leak_free=leak_free)
+
+    _report_to(out, "shortcut report", compute, write_shortcut_report, summary_lines)
+
+
+def _report_to(out: Path, what: str, compute: Callable, write: Callable, summarise: Callable) -> None:
+    """Compute a report, write its files to ``out`` and print its summary; one line on failure."""
     try:
-        report = shortcut_audit(data, external=external, leak_free=leak_free)
-        paths = write_shortcut_report(report, out)
+        report = compute()
+        paths = write(report, out)
     except BraintumorError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{out}: cannot write ({exc.strerror})")
-    for line in summary_lines(report):
+    for line in summarise(report):
         typer.echo(line)
-    typer.echo("shortcut report: " + ", ".join(str(path) for path in paths))
+    typer.echo(f"{what}: " + ", ".join(str(path) for path in paths))
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -174,6 +174,13 @@ AUGMENT_POLICIES: dict[str, AugmentConfig] = {
         degrees=12.0, translate=0.08, scale=(0.75, 1.35), bias_field=0.2, curve=0.15, gamma=0.25,
         histogram_match=0.15, blur_sharpen=0.25, downsample=0.18, noise=0.15, jpeg=0.1,
     ),
+    # For training on several sources: robust_light with half of every class resampled down and
+    # up, so that a low effective resolution (IXI's 2 mm slices, 90-120 px) is common to all
+    # classes and sources and no longer marks the one source that has it.
+    "robust_even": AugmentConfig(
+        degrees=12.0, translate=0.08, scale=(0.75, 1.35), bias_field=0.2, curve=0.15, gamma=0.25,
+        histogram_match=0.15, blur_sharpen=0.25, downsample=0.5, noise=0.15, jpeg=0.1,
+    ),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..data.sources import Source
 from ..data.transforms import AUGMENT_POLICIES, STANDARDISATIONS
 from ..errors import ConfigError
 from ..models.registry import INITS
@@ -41,10 +42,20 @@ class TrainConfig:
     at ``probe_lr``) before fine-tuning everything at ``lr``: a head trained first does not send
     large random gradients into the pretrained features, which keeps more of what transfers.
     ``save_every_epoch`` keeps each epoch's weights (``epoch_NN.safetensors``) so checkpoints can be
-    compared on external data afterwards."""
+    compared on external data afterwards.
+
+    ``sources`` are the training data roots (``data.sources.Source``: name, root, manifest,
+    licence); ``data`` is the first one's root. One source is the original setting. With several,
+    validation holds out a share of every source's classes, and the checkpoint kept is the one with
+    the best mean of the sources' validation accuracies, so a small source counts as much as a big
+    one. ``balance`` draws each epoch so that every class, and inside a class every source and
+    every (sequence, plane) cell, gets an even share (``sources.balanced_weights``); off, an epoch
+    is one pass over the training images in random order."""
 
     data: Path
     out: Path
+    sources: tuple[Source, ...] = ()
+    balance: bool = False
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-4
@@ -75,7 +86,58 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for YAML and checkpoint metadata."""
         values = dataclasses.asdict(self)
+        values["sources"] = [source_to_dict(source) for source in self.sources]
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+SOURCE_KEYS: tuple[str, ...] = ("name", "root", "manifest", "licence")
+
+
+def source_to_dict(source: Source) -> dict[str, str | None]:
+    """A source as plain values (YAML, metadata)."""
+    return {
+        "name": source.name, "root": str(source.root),
+        "manifest": None if source.manifest is None else str(source.manifest), "licence": source.licence,
+    }
+
+
+def _source(entry: Any, position: int) -> Source:
+    """One ``sources:`` entry (a mapping, or a bare root) as a ``Source``."""
+    entry = {"root": entry} if isinstance(entry, (str, Path)) else entry
+    if not isinstance(entry, dict):
+        raise ConfigError(f"sources[{position}] must be a mapping of {', '.join(SOURCE_KEYS)}, got {entry!r}")
+    unknown = sorted(set(entry) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"sources[{position}]: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SOURCE_KEYS)}")
+    if not entry.get("root"):
+        raise ConfigError(f"sources[{position}] has no root: give it in the config or with --data")
+    root = Path(entry["root"]).expanduser()
+    manifest = entry.get("manifest")
+    return Source(
+        name=str(entry.get("name") or root.name), root=root, manifest=None if not manifest else Path(manifest),
+        licence=str(entry.get("licence") or ""),
+    )
+
+
+def _resolve_sources(listed: Any, data: Any) -> tuple[Source, ...]:
+    """The sources of a run: the config's ``sources`` list with its roots replaced, in order, by the
+    ``data`` roots given on the command line; or, without a list, one source per ``data`` root."""
+    roots = [] if data is None else list(data) if isinstance(data, (list, tuple)) else [data]
+    if listed is None:
+        if not roots:
+            raise ConfigError("setting 'data' is required")
+        return tuple(_source(root, i) for i, root in enumerate(roots))
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(f"sources must be a non-empty list of mappings of {', '.join(SOURCE_KEYS)}")
+    entries = [dict(entry) if isinstance(entry, dict) else entry for entry in listed]
+    if roots:
+        if len(roots) != len(entries):
+            raise ConfigError(
+                f"the config lists {len(entries)} source(s) but {len(roots)} data root(s) were given; "
+                "give --data once per source, in the config's order, or not at all"
+            )
+        entries = [{**(e if isinstance(e, dict) else {}), "root": r} for e, r in zip(entries, roots, strict=True)]
+    return tuple(_source(entry, i) for i, entry in enumerate(entries))
 
 
 def _check(condition: bool, message: str) -> None:
@@ -121,6 +183,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         f"val_fraction must be in [0, 0.5), got {config.val_fraction} (0: no validation)",
     )
     _check(0 <= config.near_threshold <= 32, f"near_threshold must be in [0, 32] bits, got {config.near_threshold}")
+    names = [source.name for source in config.sources]
+    _check(len(set(names)) == len(names), f"source names must be unique, got {', '.join(names)}")
     _check(config.workers >= 1, f"workers must be at least 1, got {config.workers}")
     _check(
         config.init in INITS or Path(config.init).is_file(),
@@ -146,6 +210,9 @@ def _check_types(values: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "image_size", "near_threshold", "seed", "workers", "probe_epochs"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
             raise ConfigError(f"{key} must be an integer, got {values[key]!r} ({types[key]})")
+    for key in ("balance", "augment", "amp", "save_every_epoch"):
+        if key in values and not isinstance(values[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {values[key]!r}")
     numbers = (
         "lr", "probe_lr", "smoothing", "weight_decay", "label_smoothing", "ema_decay", "dropout", "stochastic_depth",
         "val_fraction",
@@ -165,14 +232,17 @@ def resolve_config(yaml_file: Path | None = None, **overrides: Any) -> TrainConf
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if yaml_file is not None:
         values.update(_read_yaml(yaml_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        if "sources" in values:  # a saved config.yaml repeats the first root as data: the list wins
+            values.pop("data", None)
+    values.update({k: v for k, v in overrides.items() if v is not None and not (k == "data" and v == [])})
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    for key in ("data", "out"):
-        if key not in values:
-            raise ConfigError(f"setting {key!r} is required")
-    for key in ("data", "out", "cache_dir"):
+    if "out" not in values:
+        raise ConfigError("setting 'out' is required")
+    values["sources"] = _resolve_sources(values.get("sources"), values.get("data"))
+    values["data"] = values["sources"][0].root
+    for key in ("out", "cache_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     _check_types(values)

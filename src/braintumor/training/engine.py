@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ def train_one_epoch(
     description: str = "train",
     progress: bool = True,
     frozen_features: bool = False,
+    order: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over ``pixels`` (N, H, W) uint8 in a seeded random order; the last partial batch is
     dropped so batch norm never sees a batch of one. The figures returned are this process's share
@@ -64,6 +66,9 @@ def train_one_epoch(
     batch-norm statistics do not move) and only parameters that require gradients change; the
     caller turns ``requires_grad`` off for the features.
 
+    ``order``: the indices to visit (balanced sampling draws them, with repeats); None visits every
+    image once in an order drawn from the step's generator.
+
     Returns:
         Mean loss, accuracy, images seen, wall seconds and images per second.
     """
@@ -71,7 +76,8 @@ def train_one_epoch(
     model.train()
     if frozen_features:
         _network(model).features.eval()
-    order = torch.randperm(len(pixels), generator=step.generator)
+    if order is None:
+        order = torch.randperm(len(pixels), generator=step.generator)
     n_batches = len(order) // step.batch_size
     local = step.batch_size // step.world_size
     mine = slice(step.rank * local, (step.rank + 1) * local)
@@ -137,17 +143,24 @@ def evaluate(
     preprocessing: Preprocessing,
     class_names: list[str],
     batch_size: int = 64,
-) -> dict[str, float]:
-    """Loss, accuracy and weighted F1 of ``model`` on (N, H, W) uint8 ``pixels`` (eval mode)."""
+    groups: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Loss, accuracy and weighted F1 of ``model`` on (N, H, W) uint8 ``pixels`` (eval mode);
+    with ``groups`` (name -> boolean mask over the N images), also the accuracy of each group
+    under ``by_group``, from the same forward pass."""
     from ..evaluation.metrics import classification_report
 
     logits = predict_logits_and_features(model, pixels, runtime, batch_size, preprocessing=preprocessing)[0]
     report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), class_names, bootstrap=0)
-    return {
+    result: dict[str, Any] = {
         "loss": float(F.cross_entropy(logits, labels)),
         "accuracy": report["accuracy"],
         "weighted_f1": report["weighted_f1"],
     }
+    if groups is not None:
+        right = logits.argmax(1) == labels
+        result["by_group"] = {name: float(right[mask].float().mean()) for name, mask in groups.items() if mask.any()}
+    return result
 
 
 def _network(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ folder. NCCL on CUDA (one GPU per process, SyncBatchNorm), gloo on the CPU (with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,8 +36,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .. import __version__
 from ..constants import CLASS_NAMES
 from ..data.cache import load_cached
-from ..data.datasets import fingerprint, group_split, load_split, resolve_split_dir
-from ..data.duplicates import group_near_duplicates
+from ..data.datasets import fingerprint, resolve_split_dir
+from ..data.sources import (
+    SourcedImage,
+    balanced_weights,
+    counts_by_source,
+    draw_epoch,
+    load_sources,
+    split_by_source,
+)
 from ..data.transforms import AUGMENT_POLICIES, Preprocessing
 from ..errors import ConfigError
 from ..evaluation.plots import plot_learning_curves
@@ -53,44 +61,59 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingData:
-    """Decoded Training pixels in memory with the leak-free split."""
+    """Decoded Training pixels of every source in memory, with the leak-free split."""
 
     pixels: torch.Tensor  # (N, S, S) uint8, readable images only
     labels: torch.Tensor  # (N,) int64
-    paths: list[Path]
+    images: list[SourcedImage]  # path, source, subject, sequence and plane of each pixel row
     train_index: np.ndarray
     val_index: np.ndarray
     skipped: list[str]
     fingerprint: str
 
+    @property
+    def paths(self) -> list[Path]:
+        return [image.path for image in self.images]
+
 
 def prepare_data(config: TrainConfig, progress: bool = True) -> TrainingData:
-    """Scan, decode (through the cache), drop unreadable files, group near duplicates and split."""
-    split_dir = resolve_split_dir(config.data, "Training")
-    samples = load_split(config.data, "Training")
-    decoded = load_cached([s.path for s in samples], config.image_size, config.cache_dir, config.workers, progress)
+    """Scan every source, decode (through the cache), drop unreadable files, and split each source
+    with its subjects and near-duplicate clusters whole (``sources.split_by_source``)."""
+    images = load_sources(config.sources)
+    decoded = load_cached([s.path for s in images], config.image_size, config.cache_dir, config.workers, progress)
     for line in decoded.errors:
         logger.warning("skipped %s", line)
     keep = np.flatnonzero(decoded.ok)
-    kept = [samples[i] for i in keep]
+    kept = [images[i] for i in keep]
     if len(kept) < 4:
-        raise ConfigError(f"{split_dir}: only {len(kept)} readable images; need at least 4 to train")
+        raise ConfigError(f"{config.data}: only {len(kept)} readable images; need at least 4 to train")
     pixels = np.ascontiguousarray(decoded.pixels[keep])
     labels = np.array([s.label for s in kept])
     if config.val_fraction > 0:
-        groups = group_near_duplicates(pixels, config.near_threshold)
-        train_index, val_index = group_split(labels, groups, config.val_fraction, config.seed)
+        train_index, val_index = split_by_source(kept, pixels, config.val_fraction, config.seed, config.near_threshold)
     else:
         train_index, val_index = np.arange(len(labels)), np.zeros(0, dtype=int)
     return TrainingData(
         pixels=torch.from_numpy(pixels),
         labels=torch.from_numpy(labels),
-        paths=[s.path for s in kept],
+        images=kept,
         train_index=train_index,
         val_index=val_index,
         skipped=decoded.errors,
-        fingerprint=fingerprint(kept, split_dir),
+        fingerprint=_fingerprint(config, kept),
     )
+
+
+def _fingerprint(config: TrainConfig, kept: list[SourcedImage]) -> str:
+    """One source: the file list's hash, as before sources existed (older runs still resume);
+    several: a hash of each source's name and file-list hash."""
+    per_source = []
+    for source in config.sources:
+        mine = [image for image in kept if image.source == source.name]
+        per_source.append((source.name, fingerprint(mine, resolve_split_dir(source.root, "Training"))))
+    if len(per_source) == 1:
+        return per_source[0][1]
+    return hashlib.sha256(json.dumps(per_source).encode()).hexdigest()[:16]
 
 
 def make_scheduler(
@@ -113,20 +136,37 @@ def make_scheduler(
 
 def validate_epoch(
     model: torch.nn.Module, data: TrainingData, runtime: Runtime, batch_size: int, preprocessing: Preprocessing
-) -> dict[str, float | None]:
-    """Validation loss, accuracy and weighted F1 on the held-out groups (None without validation)."""
+) -> dict[str, Any]:
+    """Validation loss, accuracy and weighted F1 on the held-out groups (None without validation),
+    the accuracy of each source and of each (source, sequence) among them (``by_group``: 'extra',
+    'extra/flair', ...), and ``score``: the mean of the sources' accuracies, which picks the
+    checkpoint (the plain accuracy where there is one source)."""
     if len(data.val_index) == 0:
-        return {"loss": None, "accuracy": None, "weighted_f1": None}
+        return {"loss": None, "accuracy": None, "weighted_f1": None, "score": None}
+    held_out = [data.images[i] for i in data.val_index]
+    names = sorted({image.source for image in held_out})
+    groups: dict[str, torch.Tensor] = {}
+    for name in names:
+        groups[name] = torch.tensor([image.source == name for image in held_out])
+        for sequence in sorted({image.sequence for image in held_out if image.source == name}):
+            groups[f"{name}/{sequence}"] = torch.tensor(
+                [image.source == name and image.sequence == sequence for image in held_out]
+            )
     index = torch.from_numpy(data.val_index)
-    return evaluate(
-        model, data.pixels[index], data.labels[index], runtime, preprocessing, list(CLASS_NAMES), max(batch_size, 64)
+    val = evaluate(
+        model, data.pixels[index], data.labels[index], runtime, preprocessing, list(CLASS_NAMES), max(batch_size, 64),
+        groups=groups,
     )
+    val["score"] = float(np.mean([val["by_group"][name] for name in names]))
+    return val
 
 
-def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: dict[str, float]) -> dict[str, Any]:
+def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: dict[str, Any]) -> dict[str, Any]:
     """What travels inside best.safetensors so the weights explain themselves: the model's spec
-    (``ModelSpec``, the same object every inference path reads back) plus the record of the run."""
-    recipe = {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "cache_dir", "resume", "workers")}
+    (``ModelSpec``, the same object every inference path reads back) plus the record of the run:
+    the recipe, the sources (licence, images per class on each side of the split) and validation."""
+    excluded = ("data", "out", "cache_dir", "resume", "workers", "sources")
+    recipe = {k: v for k, v in config.to_dict().items() if k not in excluded}
     spec = ModelSpec(class_names=tuple(CLASS_NAMES), preprocessing=preprocessing_of(config))
     return {
         **spec.to_metadata(),
@@ -141,10 +181,28 @@ def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: d
             "n_train": int(len(data.train_index)),
             "n_val": int(len(data.val_index)),
             "n_skipped": len(data.skipped),
+            "sources": sources_record(config, data),
+            "split": "subjects (from manifests) and near-duplicate clusters kept whole, stratified by class and source",
+            "sampling": "balanced by class, then source, then (sequence, plane)" if config.balance else "uniform",
         },
         "validation": val,
         "versions": {"braintumor": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def sources_record(config: TrainConfig, data: TrainingData) -> list[dict[str, Any]]:
+    """Per source: name, licence, manifest file name, and images per class in training and validation
+    (no paths of the machine that trained)."""
+    train = counts_by_source(data.images, data.train_index)
+    val = counts_by_source(data.images, data.val_index)
+    return [
+        {
+            "name": source.name, "licence": source.licence,
+            "manifest": None if source.manifest is None else source.manifest.name,
+            "train": train.get(source.name, {}), "val": val.get(source.name, {}),
+        }
+        for source in config.sources
+    ]
 
 
 def preprocessing_of(config: TrainConfig) -> Preprocessing:
@@ -162,9 +220,16 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 def _start_run_folder(config: TrainConfig, data: TrainingData) -> None:
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    val_subjects: dict[str, list[str]] = {}
+    for i in data.val_index:
+        image = data.images[i]
+        if image.subject:
+            val_subjects.setdefault(image.source, []).append(image.subject)
     split = {
         "val_paths": [str(data.paths[i]) for i in data.val_index],
+        "val_subjects": {name: sorted(set(subjects)) for name, subjects in val_subjects.items()},
         "n_train": int(len(data.train_index)),
+        "sources": sources_record(config, data),
         "skipped": data.skipped,
         "fingerprint": data.fingerprint,
     }
@@ -206,6 +271,7 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         record.restore(state, model, step)
     train_pixels = data.pixels[torch.from_numpy(data.train_index)]
     train_labels = data.labels[torch.from_numpy(data.train_index)]
+    weights = balanced_weights([data.images[i] for i in data.train_index]) if config.balance else None
     if runtime.device.type == "cuda":  # the whole decoded set fits on a GPU: no host copies per step
         train_pixels, train_labels = train_pixels.to(runtime.device), train_labels.to(runtime.device)
     for epoch in range(len(record.history) + 1, config.epochs + 1):
@@ -214,7 +280,10 @@ def fit(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         probing = epoch <= config.probe_epochs  # linear probe: only the head learns
         model.features.requires_grad_(not probing)
         description = f"epoch {epoch}/{config.epochs}" + (" (probe)" if probing else "")
-        train = train_one_epoch(step, train_pixels, train_labels, description, progress, frozen_features=probing)
+        order = None if weights is None else draw_epoch(weights, step.generator)
+        train = train_one_epoch(
+            step, train_pixels, train_labels, description, progress, frozen_features=probing, order=order
+        )
         train = _summed(train, group)
         if not group.main:
             continue  # rank 0 validates and writes; the others go on to the next epoch
@@ -297,7 +366,7 @@ class RunRecord:
     def __init__(self, config: TrainConfig, data: TrainingData):
         self.config, self.data = config, data
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"val_accuracy": -1.0, "val_loss": math.inf}
+        self.best: dict[str, Any] = {"val_score": -1.0, "val_accuracy": -1.0, "val_loss": math.inf}
 
     def restore(self, state: dict[str, Any], model: torch.nn.Module, step: TrainingStep) -> None:
         """Put ``model`` and ``step`` back where ``last.pt`` left them."""
@@ -330,17 +399,18 @@ class RunRecord:
             "lr": step.scheduler.get_last_lr()[0], "seconds": train["seconds"],
             "images_per_second": train["images_per_second"],
         }
+        if len(config.sources) > 1 and val["accuracy"] is not None:
+            row.update(val_score=val["score"], val_by_group=val["by_group"])
         if raw is not None:  # the raw weights too, so the log shows what averaging bought
             row.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
         self.history.append(row)
         # Without validation every epoch "improves", so the run keeps its last weights.
-        improved = val["accuracy"] is None or (
-            (val["accuracy"], -val["loss"]) > (self.best["val_accuracy"], -self.best["val_loss"])
-        )
+        best_score = self.best.get("val_score", self.best["val_accuracy"])  # runs begun before scores: accuracy
+        improved = val["accuracy"] is None or (val["score"], -val["loss"]) > (best_score, -self.best["val_loss"])
         metadata = weights_metadata(config, self.data, epoch, val)
         if improved:
             self.best = {
-                "epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+                "epoch": epoch, "val_score": val["score"], "val_accuracy": val["accuracy"], "val_loss": val["loss"],
                 "val_weighted_f1": val["weighted_f1"],
             }
             save_weights(validated.state_dict(), config.out / "best.safetensors", metadata)
