@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from braintumor.errors import ConfigError
 from braintumor.models.checkpoint import read_metadata
+from braintumor.models.runtime import cpu_supports_bf16
 from braintumor.training import engine
 from braintumor.training.config import resolve_config
 from braintumor.training.engine import training_loss
@@ -24,11 +25,21 @@ def _config(data: Path, out: Path, **overrides: object):
     return resolve_config(None, data=data, out=out, **settings)
 
 
-def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, tmp_path: Path) -> None:
+@pytest.fixture(params=["fp32", "bf16"])
+def amp(request: pytest.FixtureRequest) -> bool:
+    """Both numeric paths of a CPU training step: fp32, and bf16 autocast, which ``select_runtime``
+    turns on only where the CPU computes bf16 natively (elsewhere it would be slower, not another
+    path to test), so the bf16 case is skipped there, with the reason."""
+    if request.param == "bf16" and not cpu_supports_bf16():
+        pytest.skip("this CPU does not compute bf16 natively (no AVX-512 BF16 or AMX): training runs in fp32 here")
+    return request.param == "bf16"
+
+
+def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, tmp_path: Path, amp: bool) -> None:
     out = tmp_path / "run"
     # Without augmentation the 36 training images are the same every epoch, so the fall in loss is
     # the optimiser's doing and not the luck of the draws (augmentation is tested on its own).
-    result = fit(_config(kaggle_tree, out, epochs=4, lr=1e-3, init="lite0", augment=False), progress=False)
+    result = fit(_config(kaggle_tree, out, epochs=4, lr=1e-3, init="lite0", augment=False, amp=amp), progress=False)
     history = result["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for name in ("config.yaml", "split.json", "metrics.jsonl", "learning_curves.png", "best.safetensors", "last.pt"):
@@ -43,13 +54,16 @@ def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, t
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(
-    kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: bool
 ) -> None:
-    fit(_config(kaggle_tree, tmp_path / "whole", epochs=2, lr_schedule="cosine"), progress=False)
+    """Exact on either numeric path: the resumed run does the same arithmetic as the whole one."""
+    fit(_config(kaggle_tree, tmp_path / "whole", epochs=2, lr_schedule="cosine", amp=amp), progress=False)
 
-    killed = _config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine")
+    killed = _config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine", amp=amp)
     kill_after_first_checkpoint(monkeypatch, lambda: fit(killed, progress=False))
-    result = fit(_config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine", resume=True), progress=False)
+    result = fit(
+        _config(kaggle_tree, tmp_path / "killed", epochs=2, lr_schedule="cosine", resume=True, amp=amp), progress=False
+    )
 
     assert len(result["history"]) == 2
     whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)

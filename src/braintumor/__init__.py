@@ -1,11 +1,44 @@
-"""braintumor: EfficientNet-B0 brain MRI classification with Grad-CAM and honest evaluation."""
+"""braintumor: EfficientNet-B0 brain MRI classification with Grad-CAM and honest evaluation.
+
+Importing the package loads no torch, ONNX Runtime or matplotlib and changes no global state: the
+public names below are imported when first used (PEP 562), so ``import braintumor`` and
+``braintumor --help`` start at once.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .constants import CLASS_NAMES  # noqa: E402
-from .inference.predict import Classifier, Explanation, Prediction, load_model  # noqa: E402
-from .models.registry import create_model  # noqa: E402
+from .constants import CLASS_NAMES
+
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it from here
+
+if TYPE_CHECKING:
+    from .inference.predict import Classifier, Explanation, Prediction, load_model
+    from .models.registry import create_model
+
+# public name -> the module (relative to this package) that defines it
+_LAZY: dict[str, str] = {
+    "Classifier": "inference.predict",
+    "Explanation": "inference.predict",
+    "Prediction": "inference.predict",
+    "load_model": "inference.predict",
+    "create_model": "models.registry",
+}
 
 __all__ = ["CLASS_NAMES", "Classifier", "Explanation", "Prediction", "__version__", "create_model", "load_model"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is used, then keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

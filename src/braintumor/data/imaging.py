@@ -8,7 +8,10 @@ training, evaluation, prediction and serving share, so they cannot drift apart.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ from PIL import Image, ImageFile
 from ..constants import MAX_IMAGE_PIXELS
 from ..errors import InvalidImageError
 
-# Truncated files must fail loudly instead of decoding half an image as grey padding.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Truncated files must fail loudly instead of decoding half an image as grey padding. PIL reads that
+# from a process-wide flag (False unless a caller set it); a decode that finds it set turns it off
+# for its own duration only, under this lock, and puts the caller's value back.
+_TRUNCATION_FLAG_LOCK = threading.Lock()
 
 # A pixel whose strongest and weakest RGB channels differ by more than this counts as coloured.
 # MRI is grey by physics; JPEG chroma noise on the Kaggle slices stays below it in 95% of pixels
@@ -91,6 +96,20 @@ def decode_image_and_colour(source: str | Path | bytes, name: str | None = None)
     return _decode(source, name, colour=True)
 
 
+@contextmanager
+def _truncated_files_fail() -> Iterator[None]:
+    """PIL's ``LOAD_TRUNCATED_IMAGES`` off for one decode; untouched (no lock) when already off."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _TRUNCATION_FLAG_LOCK:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _decode(source: str | Path | bytes, name: str | None, colour: bool) -> tuple[np.ndarray, float]:
     """Decode to grey; measure the colour share first when ``colour`` is set.
 
@@ -109,7 +128,7 @@ def _decode(source: str | Path | bytes, name: str | None, colour: bool) -> tuple
     if not data:
         raise InvalidImageError(f"{label}: file is empty")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _truncated_files_fail():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
