@@ -73,6 +73,14 @@ def kill_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, train: Callable
     monkeypatch.setattr(fit_module, "save_training_state", real_save)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the real data set is slow: the everyday loop (``pytest -m "not slow"``) stays
+    on synthetic data whether or not BRAINTUMOR_DATA is set."""
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def real_data() -> Path:
     """The real Kaggle data set, when BRAINTUMOR_DATA points at it (CI sets it)."""

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
@@ -44,6 +45,7 @@ def test_audit_finds_every_planted_copy_and_no_distinct_image(tmp_path: Path) ->
     assert report["near"]["label_conflict_pairs"] == []
 
 
+@pytest.mark.slow
 def test_audit_command_writes_the_report(tmp_path: Path) -> None:
     root = _planted_tree(tmp_path / "data")
     result = CliRunner().invoke(app, ["audit", str(root), "--out", str(tmp_path / "audit")])
@@ -55,6 +57,7 @@ def test_audit_command_writes_the_report(tmp_path: Path) -> None:
     assert (out / "pairs_exact.png").is_file() and "Leak-free" in (out / "audit.md").read_text()
 
 
+@pytest.mark.slow
 def test_label_conflicts_are_reported(tmp_path: Path) -> None:
     root = _planted_tree(tmp_path / "data")
     (root / "Training" / "meningioma").mkdir()
@@ -64,6 +67,7 @@ def test_label_conflicts_are_reported(tmp_path: Path) -> None:
     write_report(report, tmp_path / "out", root)
 
 
+@pytest.mark.slow
 def test_evaluate_leak_free_subset_matches_the_audit(tmp_path: Path) -> None:
     import torch
 

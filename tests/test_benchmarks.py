@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,8 @@ from braintumor.inference.predict import load_model
 from braintumor.serving.app import create_app
 from conftest import EXAMPLES, live_server
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
+
 CHROMIUM = Path(os.environ.get("BRAINTUMOR_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps trying to reach Google on a closed network.
 CHROMIUM_ARGS = [

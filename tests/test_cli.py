@@ -31,6 +31,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_json_is_one_object_with_the_promised_keys(
     kaggle_tree: Path, tiny_weights: Path, tmp_path: Path
 ) -> None:
@@ -65,6 +66,7 @@ def test_evaluate_counts_and_skips_a_corrupt_image(kaggle_tree: Path, tiny_weigh
         (["train", "--data", "{tree}", "--out", "{tmp}/r", "--epochs", "0"], "epochs"),
     ],
 )
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_code_2(
     arguments: list[str], message: str, kaggle_tree: Path, tmp_path: Path, tiny_weights: Path
 ) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
+
 SETTINGS = {
     "epochs": 2, "batch_size": 16, "image_size": 64, "init": "none", "val_fraction": 0.25, "workers": 1,
     "device": "cpu", "amp": False, "lr": 1e-3, "dropout": 0.0, "stochastic_depth": 0.0,

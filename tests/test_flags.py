@@ -59,6 +59,7 @@ def _pixels() -> np.ndarray:
     return np.stack([resize_grey(decode_image(p), 224) for p in SCANS])
 
 
+@pytest.mark.slow
 def test_a_scan_in_the_band_is_classified_and_flagged_with_the_reason(banded_weights: Path) -> None:
     for backend in ("torch", "onnx"):
         results = load_model(banded_weights, device="cpu", backend=backend).predict(SCANS)

@@ -32,6 +32,7 @@ def test_import_and_help_load_nothing_heavy() -> None:
     assert _modules_after(help_run) == set()
 
 
+@pytest.mark.slow
 def test_public_names_load_when_first_used() -> None:
     assert "torch" in _modules_after("from braintumor import load_model")
     import braintumor
@@ -65,3 +66,15 @@ def test_the_callers_truncated_image_flag_is_kept_and_truncated_files_still_fail
     with pytest.raises(InvalidImageError, match="truncated.jpg"):
         decode_image(data[: len(data) // 2], name="truncated.jpg")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+@pytest.mark.slow
+def test_reading_a_spec_needs_neither_the_registry_nor_torchvision() -> None:
+    """models.spec and models.registry used to import each other; the spec now names the
+    architectures itself, so the ONNX Runtime path that reads a spec never builds a network."""
+    probe = (
+        "import braintumor.models.spec, sys\n"
+        "print(' '.join(m for m in ('braintumor.models.registry', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == []

@@ -57,6 +57,7 @@ def test_the_spec_is_read_and_validated_once(tmp_path: Path) -> None:
             load_model(broken, backend="torch")
 
 
+@pytest.mark.slow
 def test_stored_preprocessing_is_what_torch_and_onnx_apply(tmp_path: Path) -> None:
     """Change the stored preprocessing in a copy of the weights (a stronger fixed blur): both
     backends' outputs move with it, and still agree with each other."""
@@ -78,6 +79,7 @@ def test_the_default_runs_the_shipped_graph_without_exporting(monkeypatch: pytes
     assert classifier.network.exported_from == source_of(default_weights_path())  # not a stale graph
 
 
+@pytest.mark.slow
 def test_other_weights_are_exported_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "mine.safetensors"
     shutil.copy(default_weights_path(), copy)

@@ -18,6 +18,7 @@ from conftest import EXAMPLES
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_export_command_writes_a_complete_model_with_a_dynamic_batch(tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
     result = runner.invoke(app, ["export", "--format", "onnx", "--out", str(out)])

@@ -36,6 +36,8 @@ from braintumor.pacs.queue import QueueError, SeriesQueue
 from braintumor.pacs.sample import write_series
 from conftest import EXAMPLES
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
+
 GLIOMA_SERIES = [EXAMPLES / "notumor" / "Te-no_0229.jpg", EXAMPLES / "glioma" / "Te-glTr_0006.jpg",
                  EXAMPLES / "glioma" / "Te-gl_0010.jpg", EXAMPLES / "notumor" / "Te-no_0292.jpg"]
 

@@ -48,6 +48,7 @@ def mixed_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_api_accepts_paths_images_and_arrays(tiny_weights: Path, mixed_folder: Path) -> None:
     classifier = load_model(tiny_weights)
     results = classifier.predict(
@@ -152,6 +153,7 @@ def test_an_all_refused_volume_is_not_called_notumor() -> None:
     assert summary["label"] == "not_brain_mri" and summary["refused"] == 25
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_as_the_number_of_files_grows(tiny_weights: Path, tmp_path: Path) -> None:
     source = EXAMPLES / "glioma" / "Te-gl_0010.jpg"
     folder = tmp_path / "many"

@@ -108,6 +108,7 @@ def test_a_probe_epoch_trains_only_the_head(kaggle_tree: Path, tmp_path: Path) -
     assert not torch.equal(tuned[conv], start[conv])
 
 
+@pytest.mark.slow
 def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tmp_path: Path) -> None:
     from braintumor.inference.predict import default_weights_path
     from braintumor.models.checkpoint import load_weights

@@ -114,6 +114,7 @@ def test_resolve_shifts() -> None:
         apply_shift("nope", np.zeros((1, 4, 4), np.uint8), np.zeros(1, int))
 
 
+@pytest.mark.slow
 def test_evaluate_shifts_reports_every_shift_and_writes_the_figures(tmp_path: Path, tiny_weights: Path) -> None:
     root = write_tree(tmp_path / "data", {"glioma": 2, "meningioma": 2, "notumor": 2})
     out = tmp_path / "out"

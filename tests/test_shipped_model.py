@@ -11,6 +11,8 @@ from braintumor.evaluation.evaluate import evaluate
 from braintumor.inference.predict import default_weights_path, load_model
 from braintumor.models.checkpoint import read_metadata
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
+
 COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "docs" / "evaluation" / "testing" / "report.json"
 
 

@@ -79,6 +79,7 @@ def test_jpeg_quality_is_read_from_the_header(tmp_path: Path) -> None:
     assert jpeg_quality(None) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bright", [True, False])
 def test_planted_brightness_shortcut_is_found_and_none_is_invented(tmp_path: Path, bright: bool) -> None:
     root = _tree(tmp_path / "data", bright)
@@ -95,6 +96,7 @@ def test_planted_brightness_shortcut_is_found_and_none_is_invented(tmp_path: Pat
             assert models["logreg"]["accuracy"] <= 0.75, group
 
 
+@pytest.mark.slow
 def test_report_files_and_external_set(tmp_path: Path) -> None:
     root = _tree(tmp_path / "data", bright=True)
     external = tmp_path / "external"
@@ -112,6 +114,7 @@ def test_report_files_and_external_set(tmp_path: Path) -> None:
     assert any("grey" in line for line in summary_lines(report))
 
 
+@pytest.mark.slow
 def test_plain_class_folder_is_cross_validated(tmp_path: Path) -> None:
     root = _tree(tmp_path / "data", bright=True) / "Training"
     report = shortcut_audit(root, size=SIZE, progress=False)
@@ -119,6 +122,7 @@ def test_plain_class_folder_is_cross_validated(tmp_path: Path) -> None:
     assert len(load_split(root, "Testing")) == report["chance"]["all"]["n"]
 
 
+@pytest.mark.slow
 def test_audit_command_writes_the_shortcut_report(tmp_path: Path) -> None:
     root = _tree(tmp_path / "data", bright=True)
     external = tmp_path / "external"
@@ -133,6 +137,7 @@ def test_audit_command_writes_the_shortcut_report(tmp_path: Path) -> None:
     assert result.exit_code == 0 and not (tmp_path / "plain" / "shortcuts.json").exists()
 
 
+@pytest.mark.slow
 def test_one_class_data_still_writes_the_report(tmp_path: Path) -> None:
     root = tmp_path / "data"
     rng = np.random.default_rng(4)

@@ -180,6 +180,7 @@ def _two_source_config(kaggle: Path, extra: Path, out: Path, **overrides: object
     return resolve_config(yaml_file, data=[kaggle, extra], out=out, **settings)
 
 
+@pytest.mark.slow
 def test_a_two_source_run_records_its_sources(kaggle_tree: Path, extra_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     config = _two_source_config(kaggle_tree, extra_tree, out)
@@ -199,6 +200,7 @@ def test_a_two_source_run_records_its_sources(kaggle_tree: Path, extra_tree: Pat
     assert again.sources == config.sources and again.balance
 
 
+@pytest.mark.slow
 def test_a_two_source_run_resumes_on_the_same_draws(
     kaggle_tree: Path, extra_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,6 +244,7 @@ def test_one_data_root_is_one_source(tmp_path: Path) -> None:
     assert config.data == tmp_path / "root" and [s.name for s in config.sources] == ["root"]
 
 
+@pytest.mark.slow
 def test_source_audit_finds_a_planted_source_cue(kaggle_tree: Path, extra_tree: Path) -> None:
     """Blur every extra-source image: inside each class that both sources have, sharpness then
     names the source, while grey-level cues (unchanged on average) do much worse."""
@@ -260,6 +263,7 @@ def test_source_audit_finds_a_planted_source_cue(kaggle_tree: Path, extra_tree: 
     assert problems["source | notumor"]["balanced_accuracy"]["sharpness"]["logreg"] > 0.9
 
 
+@pytest.mark.slow
 def test_audit_command_with_a_second_source(kaggle_tree: Path, extra_tree: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -35,6 +35,7 @@ def amp(request: pytest.FixtureRequest) -> bool:
     return request.param == "bf16"
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, tmp_path: Path, amp: bool) -> None:
     out = tmp_path / "run"
     # Without augmentation the 36 training images are the same every epoch, so the fall in loss is
@@ -53,6 +54,7 @@ def test_short_run_lowers_the_loss_and_fills_the_run_folder(kaggle_tree: Path, t
     assert len(split["val_paths"]) + split["n_train"] == 48
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(
     kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: bool
 ) -> None:
@@ -91,6 +93,7 @@ def test_resume_without_checkpoint_is_a_clear_error(kaggle_tree: Path, tmp_path:
         fit(_config(kaggle_tree, tmp_path / "fresh", resume=True), progress=False)
 
 
+@pytest.mark.slow
 def test_corrupt_training_image_is_skipped_and_counted(kaggle_tree: Path, tmp_path: Path) -> None:
     (kaggle_tree / "Training" / "glioma" / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "run"
@@ -110,6 +113,7 @@ def test_bad_settings_are_named(tmp_path: Path, overrides: dict, message: str) -
         resolve_config(None, data=tmp_path, out=tmp_path / "o", **overrides)
 
 
+@pytest.mark.slow
 def test_refit_without_validation_keeps_the_last_epoch(kaggle_tree: Path, tmp_path: Path) -> None:
     first = fit(_config(kaggle_tree, tmp_path / "first", epochs=1), progress=False)
     init = str(tmp_path / "first" / "best.safetensors")
@@ -133,6 +137,7 @@ def test_smoothed_loss_is_the_smoothed_cross_entropy() -> None:
     assert training_loss(logits, targets, 0.3) > training_loss(logits, targets)
 
 
+@pytest.mark.slow
 def test_label_smoothing_reaches_every_training_step(
     kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,6 +156,7 @@ def test_label_smoothing_reaches_every_training_step(
     assert seen and set(seen) == {0.3}
 
 
+@pytest.mark.slow
 def test_weight_average_is_what_gets_validated_kept_and_resumed(
     kaggle_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,6 +182,7 @@ def test_weight_average_is_what_gets_validated_kept_and_resumed(
         assert torch.equal(tensor, resumed["ema"][key]), key
 
 
+@pytest.mark.slow
 def test_resuming_a_plain_run_with_averaging_is_refused(kaggle_tree: Path, tmp_path: Path) -> None:
     fit(_config(kaggle_tree, tmp_path / "run", epochs=1), progress=False)
     with pytest.raises(ConfigError, match="ema_decay"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,9 +27,7 @@ from torchvision.models import efficientnet_b0
 
 from ..constants import CLASS_NAMES
 from ..errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from .spec import ModelSpec
+from .spec import ARCHITECTURE_NAMES, ModelSpec
 
 INITS: tuple[str, ...] = ("lite0", "imagenet", "none")
 FEATURE_DIM = 1280
@@ -53,6 +50,8 @@ def build_efficientnet_b0(
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"efficientnet_b0": build_efficientnet_b0}
+if tuple(ARCHITECTURES) != ARCHITECTURE_NAMES:  # a spec may name exactly what can be built
+    raise ImportError("models.spec.ARCHITECTURE_NAMES and models.registry.ARCHITECTURES disagree")
 
 
 def build_model(
@@ -87,7 +86,6 @@ def load_weights_file(
     """
     from .checkpoint import load_weights
     from .ood import split_guard
-    from .spec import ModelSpec
 
     tensors, metadata = load_weights(path)
     state, guard = split_guard(tensors)

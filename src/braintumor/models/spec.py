@@ -22,6 +22,10 @@ from ..errors import CheckpointError, ConfigError
 from .ood import OODGuard
 
 DEFAULT_ARCHITECTURE = "efficientnet_b0"
+# The architectures a spec may name: the keys of ``registry.ARCHITECTURES`` (the registry checks
+# that they agree), kept here so that reading a spec, as the ONNX Runtime path does, needs neither
+# torchvision nor the registry, and the two modules do not import each other.
+ARCHITECTURE_NAMES: tuple[str, ...] = ("efficientnet_b0",)
 # Grad-CAM's default layer, chosen by the faithfulness comparison in docs/explanations.md: the
 # last 14x14 stage of B0, four times finer than the 7x7 head.
 DEFAULT_CAM_LAYER = "features.5"
@@ -77,10 +81,8 @@ class ModelSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` unless every field is usable."""
-        from .registry import ARCHITECTURES  # the registry imports torchvision: only when validating
-
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURE_NAMES)}")
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be at least two distinct names, got {list(self.class_names)}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
