@@ -15,29 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from shipped_data import run_data  # scripts/ is on the path
 
+from braintumor.data.sources import held_out_groups
 from braintumor.evaluation.evaluate import evaluate_shifts
 from braintumor.inference.predict import default_weights_path, load_model
-from braintumor.training.config import resolve_config
-from braintumor.training.fit import TrainingData, prepare_data
-
-
-def validation_groups(data: TrainingData) -> dict[str, np.ndarray]:
-    """Name -> mask over the validation images: each source, and each source's sequences and planes."""
-    held = [data.images[i] for i in data.val_index]
-    groups: dict[str, np.ndarray] = {}
-    for source in sorted({i.source for i in held}):
-        groups[source] = np.array([i.source == source for i in held])
-        for attribute in ("sequence", "plane"):
-            for value in sorted({getattr(i, attribute) for i in held if i.source == source} - {"unknown"}):
-                groups[f"{source}/{value}"] = np.array(
-                    [i.source == source and getattr(i, attribute) == value for i in held]
-                )
-    return groups
+from braintumor.training.fit import TrainingData
 
 
 def measure(weights: Path, data: TrainingData, groups: dict[str, np.ndarray], pmram: Path, shifts: bool) -> dict:
@@ -68,10 +54,10 @@ def main() -> None:
     parser.add_argument("--shifts", action="store_true", help="also the PMRAM shift suite (about 2 min per file)")
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        config = resolve_config(args.run / "config.yaml", out=Path(scratch) / "unused")
-        data = prepare_data(config, progress=False)
-    groups = validation_groups(data)
+    data = run_data(args.run)
+    held_out = [data.images[i] for i in data.val_index]
+    groups = {name: mask for name, mask in held_out_groups(held_out, ("sequence", "plane")).items()
+              if not name.endswith("/unknown")}
     weights = args.weights or [default_weights_path(), *sorted(args.run.glob("epoch_*.safetensors"))]
     rows = []
     for path in weights:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from braintumor.data.cache import load_cached
 from braintumor.data.datasets import Sample, load_split, resolve_split_dir, scan_class_folders
 from braintumor.evaluation.shifts import SHIFTS
 from braintumor.inference.predict import Classifier, default_weights_path, load_model
+
+if TYPE_CHECKING:
+    from braintumor.training.fit import TrainingData
 
 SPLIT_FILE = Path("docs/training/split.json")
 
@@ -38,16 +42,22 @@ def training_set(data: Path, run: Path | None) -> tuple[list, np.ndarray, np.nda
     if run is None:
         samples, pixels = decoded_split(data, "Training")
         return samples, pixels, labels_of(samples), validation_mask(samples)
+    prepared = run_data(run)
+    is_val = np.zeros(len(prepared.images), dtype=bool)
+    is_val[prepared.val_index] = True
+    return prepared.images, prepared.pixels.numpy(), prepared.labels.numpy(), is_val
+
+
+def run_data(run: Path) -> TrainingData:
+    """The decoded images and split of a training run, recomputed from its ``config.yaml``
+    (deterministic: the same sources, subjects and images as in training)."""
     import tempfile
 
     from braintumor.training.config import resolve_config
     from braintumor.training.fit import prepare_data
 
     with tempfile.TemporaryDirectory() as scratch:
-        prepared = prepare_data(resolve_config(run / "config.yaml", out=Path(scratch) / "unused"), progress=False)
-    is_val = np.zeros(len(prepared.images), dtype=bool)
-    is_val[prepared.val_index] = True
-    return prepared.images, prepared.pixels.numpy(), prepared.labels.numpy(), is_val
+        return prepare_data(resolve_config(run / "config.yaml", out=Path(scratch) / "unused"), progress=False)
 
 
 def classifier_for(weights: Path | None) -> tuple[Classifier, Path]:

@@ -123,22 +123,25 @@ def load_sources(sources: tuple[Source, ...], class_names: tuple[str, ...] = CLA
     return [image for source in sources for image in load_source(source, class_names)]
 
 
-def source_groups(images: list[SourcedImage], pixels: np.ndarray, threshold: int) -> np.ndarray:
+def source_groups(
+    images: list[SourcedImage], hashes: np.ndarray, mirrored: np.ndarray, threshold: int
+) -> np.ndarray:
     """A group id per image of one source: by subject where the manifest names every image's
-    subject, else by near-duplicate cluster (perceptual hash within ``threshold`` bits, mirrored
-    too). Subjects are the truth where they are known: between different people, look-alike slices
-    (the midline sagittal slices of healthy volunteers) are no leak, and chaining them would merge
-    a third of a source into one group."""
+    subject, else by near-duplicate cluster (``hashes`` and ``mirrored``: the images' perceptual
+    hashes, ``duplicates.perceptual_hashes``; within ``threshold`` bits). Subjects are the truth
+    where they are known: between different people, look-alike slices (the midline sagittal slices
+    of healthy volunteers) are no leak, and chaining them would merge a third of a source into one
+    group."""
     if all(image.subject for image in images):
         ids = {subject: number for number, subject in enumerate(dict.fromkeys(i.subject for i in images))}
         return np.array([ids[image.subject] for image in images])
-    hashes, mirrored = perceptual_hashes(pixels)
     return connected_groups(len(images), near_pairs(hashes, mirrored, threshold))
 
 
-def _cross_source_pairs(sources: np.ndarray, pixels: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+def _cross_source_pairs(
+    sources: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray, threshold: int
+) -> list[tuple[int, int, int]]:
     """Near-duplicate pairs whose two images come from different sources (global indices)."""
-    hashes, mirrored = perceptual_hashes(pixels)
     names = list(dict.fromkeys(sources.tolist()))
     pairs: list[tuple[int, int, int]] = []
     for a, first in enumerate(names):
@@ -164,21 +167,36 @@ def split_by_source(
     """
     sources = np.array([image.source for image in images])
     labels = np.array([image.label for image in images])
+    hashes, mirrored = perceptual_hashes(pixels)
     in_val = np.zeros(len(images), dtype=bool)
     links: list[tuple[int, int, int]] = []
     for name in dict.fromkeys(sources.tolist()):
         mine = np.flatnonzero(sources == name)
-        groups = source_groups([images[i] for i in mine], pixels[mine], threshold)
+        groups = source_groups([images[i] for i in mine], hashes[mine], mirrored[mine], threshold)
         _, val = group_split(labels[mine], groups, val_fraction, seed)
         in_val[mine[val]] = True
         first_of: dict[int, int] = {}
         links.extend((first_of.setdefault(g, int(i)), int(i), 0) for i, g in zip(mine, groups.tolist(), strict=True))
-    components = connected_groups(len(images), links + _cross_source_pairs(sources, pixels, threshold))
+    components = connected_groups(len(images), links + _cross_source_pairs(sources, hashes, mirrored, threshold))
     for component in np.unique(components):
         members = components == component
         if in_val[members].any() and not in_val[members].all():
             in_val[members] = False
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def held_out_groups(images: list[SourcedImage], attributes: tuple[str, ...] = ("sequence",)) -> dict[str, np.ndarray]:
+    """Name -> boolean mask over ``images``: each source ('extra'), and inside it each value of each
+    of ``attributes`` ('extra/flair'), for accuracy per source and per sequence or plane."""
+    sources = np.array([image.source for image in images])
+    groups: dict[str, np.ndarray] = {}
+    for name in sorted(set(sources.tolist())):
+        groups[name] = sources == name
+        for attribute in attributes:
+            values = np.array([getattr(image, attribute) for image in images])
+            for value in sorted(set(values[groups[name]].tolist())):
+                groups[f"{name}/{value}"] = groups[name] & (values == value)
+    return groups
 
 
 def balanced_weights(images: list[SourcedImage]) -> torch.Tensor:

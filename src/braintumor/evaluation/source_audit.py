@@ -96,7 +96,7 @@ def source_audit(sources: tuple[Source, ...], size: int = 224, progress: bool = 
 
     images = load_sources(sources)
     table: CueTable = cue_table(images, size, progress)
-    readable = {path: n for n, path in enumerate(table.paths)}
+    readable = set(table.paths)
     kept = [image for image in images if image.path in readable]
     groups = _subject_groups(kept)
     report: dict[str, Any] = {"sources": [s.name for s in sources], "n_images": len(kept), "folds": FOLDS,

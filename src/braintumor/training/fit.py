@@ -42,6 +42,7 @@ from ..data.sources import (
     balanced_weights,
     counts_by_source,
     draw_epoch,
+    held_out_groups,
     load_sources,
     split_by_source,
 )
@@ -144,20 +145,14 @@ def validate_epoch(
     if len(data.val_index) == 0:
         return {"loss": None, "accuracy": None, "weighted_f1": None, "score": None}
     held_out = [data.images[i] for i in data.val_index]
-    names = sorted({image.source for image in held_out})
-    groups: dict[str, torch.Tensor] = {}
-    for name in names:
-        groups[name] = torch.tensor([image.source == name for image in held_out])
-        for sequence in sorted({image.sequence for image in held_out if image.source == name}):
-            groups[f"{name}/{sequence}"] = torch.tensor(
-                [image.source == name and image.sequence == sequence for image in held_out]
-            )
+    groups = {name: torch.from_numpy(mask) for name, mask in held_out_groups(held_out).items()}
     index = torch.from_numpy(data.val_index)
     val = evaluate(
         model, data.pixels[index], data.labels[index], runtime, preprocessing, list(CLASS_NAMES), max(batch_size, 64),
         groups=groups,
     )
-    val["score"] = float(np.mean([val["by_group"][name] for name in names]))
+    sources = sorted({image.source for image in held_out})
+    val["score"] = float(np.mean([val["by_group"][name] for name in sources]))
     return val
 
 
@@ -182,7 +177,8 @@ def weights_metadata(config: TrainConfig, data: TrainingData, epoch: int, val: d
             "n_val": int(len(data.val_index)),
             "n_skipped": len(data.skipped),
             "sources": sources_record(config, data),
-            "split": "subjects (from manifests) and near-duplicate clusters kept whole, stratified by class and source",
+            "split": "each source split on its own, stratified by class, its subjects (from a manifest) or else its "
+            "near-duplicate clusters kept whole; a near-duplicate pair across sources never straddles",
             "sampling": "balanced by class, then source, then (sequence, plane)" if config.balance else "uniform",
         },
         "validation": val,
