@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.data.transforms import AUGMENT_POLICIES, AugmentConfig, Preprocessing, augment, standardise_head
+from braintumor.data.transforms import (
+    AUGMENT_POLICIES,
+    AugmentConfig,
+    Preprocessing,
+    augment,
+    standardise_head,
+    standardise_head_rank,
+)
 from braintumor.errors import ConfigError
 from braintumor.inference.predict import load_model
 from braintumor.models.checkpoint import save_weights
@@ -29,7 +36,7 @@ def test_metadata_round_trip_and_old_files_read_as_imagenet() -> None:
     head = Preprocessing(image_size=96, standardise="head")
     assert Preprocessing.from_metadata(head.to_metadata()) == head
     assert Preprocessing.from_metadata({"image_size": 224}).standardise == "imagenet"
-    with pytest.raises(ConfigError, match="standardise 'zscore' is not one of imagenet, head"):
+    with pytest.raises(ConfigError, match="standardise 'zscore' is not one of imagenet, head, head_rank"):
         Preprocessing(standardise="zscore")
 
 
@@ -49,6 +56,27 @@ def test_head_standardisation_survives_a_blank_image() -> None:
     blank = torch.zeros(2, 32, 32, dtype=torch.uint8)
     out = Preprocessing(standardise="head")(blank)
     assert torch.isfinite(out).all() and float(out.abs().max()) == 0.0
+    ranked = Preprocessing(standardise="head_rank")(blank)
+    assert torch.isfinite(ranked).all() and torch.allclose(ranked, torch.full_like(ranked, -3**0.5))
+
+
+def test_rank_standardisation_gives_every_head_the_same_histogram() -> None:
+    """Any increasing grey curve (a scanner's gain, gamma, a pipeline's windowing) leaves the input
+    unchanged up to the interpolation inside a bin, and every head comes out with mean 0, spread 1."""
+    pixels = _heads()
+    floats = pixels.float().unsqueeze(1) / 255
+    head = floats > 0.2
+    curved = torch.where(head, 0.15 + 0.85 * ((floats - 0.1) / 0.9).clamp(0, 1) ** 2.2, floats)
+    a, b = standardise_head_rank(floats), standardise_head_rank(curved)
+    mask = head.expand(-1, 3, -1, -1)
+    assert a.shape == (6, 3, 64, 64)
+    assert float((a[mask] - b[mask]).abs().mean()) < 0.05
+    for image in a[:, 0]:
+        inside = image[head[0, 0]]
+        assert abs(float(inside.mean())) < 0.05 and abs(float(inside.std()) - 1) < 0.05
+    assert torch.allclose(a[~mask], torch.full_like(a[~mask], -3**0.5))
+    order = torch.argsort(floats[0, 0][head[0, 0]])
+    assert bool((a[0, 0][head[0, 0]][order].diff() >= -1e-6).all())  # the order of the greys is kept
 
 
 def test_robust_augmentation_is_seeded_and_stays_in_range() -> None:
@@ -109,7 +137,8 @@ def test_a_probe_epoch_trains_only_the_head(kaggle_tree: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("standardise", ["head", "head_rank"])
+def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tmp_path: Path, standardise: str) -> None:
     from braintumor.inference.predict import default_weights_path
     from braintumor.models.checkpoint import load_weights
     from braintumor.models.ood import split_guard
@@ -117,7 +146,7 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
     state = split_guard(load_weights(default_weights_path())[0])[0]  # trained weights: outputs follow the input
     weights = tmp_path / "head.safetensors"
     save_weights(state, weights, {"class_names": ["glioma", "meningioma", "notumor", "pituitary"],
-                                  **Preprocessing(image_size=64, standardise="head", smoothing=1.0).to_metadata()})
+                                  **Preprocessing(image_size=64, standardise=standardise, smoothing=1.0).to_metadata()})
     pixels = _heads(5).numpy()
     in_torch = load_model(weights, device="cpu").predict_pixels(pixels)
     in_onnx = load_model(weights, backend="onnx").predict_pixels(pixels)

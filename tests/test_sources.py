@@ -278,3 +278,43 @@ def test_audit_command_with_a_second_source(kaggle_tree: Path, extra_tree: Path,
     assert (out / "source_shortcuts.png").is_file()
     bad = CliRunner().invoke(app, ["audit", str(kaggle_tree), "--out", str(out), "--source", "nameless"])
     assert bad.exit_code == 2 and "expected NAME=ROOT" in bad.output
+
+
+@pytest.mark.slow
+def test_the_audit_sees_what_the_preprocessing_takes_away(kaggle_tree: Path, extra_tree: Path) -> None:
+    """Give every extra-source head another gain and offset (one pipeline's windowing): the grey
+    level names the source in the files, and not in what a head z-scoring network receives, which
+    removes exactly that."""
+    from PIL import Image
+
+    from braintumor.data.transforms import Preprocessing
+    from braintumor.evaluation.source_audit import source_audit
+
+    for path in extra_tree.rglob("*.png"):  # the head's greys moved, the background left black
+        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+        Image.fromarray(np.round(np.where(grey > 20, 0.5 * grey + 110, grey)).astype(np.uint8)).save(path)
+    sources = _sources(kaggle_tree, extra_tree)
+    in_files = source_audit(sources, size=64, progress=False)
+    seen = source_audit(sources, size=64, progress=False, preprocessing=Preprocessing(64, standardise="head"))
+    assert seen["seen_by"]["standardise"] == "head" and in_files["seen_by"] is None
+    for problem in ("source | glioma", "source | notumor"):
+        assert in_files["problems"][problem]["balanced_accuracy"]["grey"]["logreg"] > 0.9
+        assert seen["problems"][problem]["balanced_accuracy"]["grey"]["logreg"] < 0.75
+
+
+@pytest.mark.slow
+def test_audit_command_sees_through_a_config(kaggle_tree: Path, extra_tree: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from braintumor.cli import app
+
+    config = tmp_path / "ranked.yaml"
+    config.write_text("standardise: head_rank\nsmoothing: 1.0\nimage_size: 64\n")
+    out = tmp_path / "audit"
+    args = ["audit", str(kaggle_tree), "--out", str(out), "--no-shortcuts", "--source", f"extra={extra_tree}"]
+    result = CliRunner().invoke(app, [*args, "--seen-by", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "as seen: head_rank, blur 1.0" in result.output
+    assert json.loads((out / "sources.json").read_text())["seen_by"]["standardise"] == "head_rank"
+    missing = CliRunner().invoke(app, [*args, "--seen-by", str(tmp_path / "none.safetensors")])
+    assert missing.exit_code == 2 and "none.safetensors" in missing.output and "Traceback" not in missing.output

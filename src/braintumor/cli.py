@@ -437,6 +437,10 @@ def audit(
         [], metavar="NAME=ROOT", help="Another training source (repeatable; its manifest.csv, if any, gives "
         "subject, sequence and plane): then also audit how well trivial cues tell the sources, sequences and "
         "planes apart inside each class, and the class across all sources (sources.json, source_shortcuts.png)."),
+    seen_by: Path | None = typer.Option(
+        None, metavar="CONFIG_OR_WEIGHTS", help="With --source: compute the pixel cues on what a network "
+        "receives after this training config's (.yaml) or weights file's preprocessing (blur, standardisation), "
+        "not on the decoded files: does the preprocessing close the shortcuts?"),
 ) -> None:
     """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list;
     then the shortcut audit: how far trivial, non-anatomical cues predict the label; with --source, the
@@ -451,6 +455,7 @@ def audit(
         if external is not None and shortcuts:
             resolve_split_dir(external, "Testing")
         sources = _audit_sources(data, source)
+        preprocessing = None if seen_by is None else _preprocessing_of(seen_by)
         report = run_audit(data, threshold=threshold)
         write_report(report, out, data)
     except BraintumorError as exc:
@@ -469,7 +474,7 @@ def audit(
     if shortcuts:
         _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
     if len(sources) > 1:
-        _source_audit(sources, out)
+        _source_audit(sources, out, preprocessing)
 
 
 def _audit_sources(data: Path, specs: list[str]) -> tuple:
@@ -490,10 +495,26 @@ def _audit_sources(data: Path, specs: list[str]) -> tuple:
     return tuple(sources)
 
 
-def _source_audit(sources: tuple, out: Path) -> None:
+def _preprocessing_of(path: Path):
+    """The preprocessing a training config (.yaml/.yml) or a weights file sets; one-line errors."""
+    from .data.transforms import Preprocessing
+
+    if path.suffix.lower() in (".yaml", ".yml"):
+        from .training.config import read_preprocessing
+
+        return read_preprocessing(path)
+    from .models.checkpoint import read_metadata
+
+    return Preprocessing.from_metadata(read_metadata(path))
+
+
+def _source_audit(sources: tuple, out: Path, preprocessing=None) -> None:
     from .evaluation.source_audit import source_audit, source_summary_lines, write_source_report
 
-    _report_to(out, "source report", lambda: source_audit(sources), write_source_report, source_summary_lines)
+    def compute() -> dict:
+        return source_audit(sources, preprocessing=preprocessing)
+
+    _report_to(out, "source report", compute, write_source_report, source_summary_lines)
 
 
 def _shortcut_audit(data: Path, out: Path, external: Path | None, leak_free: set[Path]) -> None:

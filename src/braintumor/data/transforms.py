@@ -28,11 +28,17 @@ from ..errors import ConfigError
 # - "imagenet": grey / 255, then ImageNet mean/std (the original recipe);
 # - "head": each image's own head pixels (grey > HEAD_LEVEL) are z-scored, so that a scanner's or
 #   a data set's overall brightness and contrast, which differ by source (and so by class in the
-#   Kaggle set), carry no information.
-STANDARDISATIONS: tuple[str, ...] = ("imagenet", "head")
+#   Kaggle set), carry no information;
+# - "head_rank": each head pixel is replaced by its rank among the image's head pixels (histogram
+#   equalisation of the head), so the shape of the grey-level histogram, which names the source
+#   even after z-scoring (docs/audit/sources: LGG's one pipeline, 0.999 inside glioma), is the
+#   same for every image; only the order of the greys, which carries the anatomy, is left.
+STANDARDISATIONS: tuple[str, ...] = ("imagenet", "head", "head_rank")
 HEAD_LEVEL = 20 / 255  # the same head threshold as the data set's README statistics
 _MIN_HEAD_STD = 0.02  # a flat picture (all one grey) is not blown up into noise
 _Z_LIMIT = 8.0  # z-scores beyond this are clipped: a few saturated pixels never dominate
+RANK_LEVELS = 64  # grey levels at which the head's cumulative histogram is taken (linear in between)
+_UNIFORM_STD = math.sqrt(1.0 / 12.0)  # ranks are uniform on [0, 1]: centred and scaled to unit spread
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class Preprocessing:
             pixels = fixed_blur(_as_unit_float(pixels), self.smoothing)
         if self.standardise == "head":
             return standardise_head(pixels)
+        if self.standardise == "head_rank":
+            return standardise_head_rank(pixels)
         return normalise(pixels, self.mean, self.std)
 
 
@@ -128,6 +136,30 @@ def standardise_head(pixels: torch.Tensor) -> torch.Tensor:
     var = (((x - mean) * mask) ** 2).sum(dim=(1, 2, 3), keepdim=True) / count
     z = (x - mean) / var.sqrt().clamp_min(_MIN_HEAD_STD)
     return z.clamp(-_Z_LIMIT, _Z_LIMIT).expand(-1, 3, -1, -1)
+
+
+def standardise_head_rank(pixels: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalisation of the head: (N, H, W) uint8 or (N, 1, H, W) [0, 1] to (N, 3, H, W).
+
+    A head pixel (grey > ``HEAD_LEVEL``) becomes the share of the image's head pixels that are at most
+    as bright (its rank, in (0, 1]), centred and scaled so that the head has mean 0 and spread 1
+    whatever the image; the background becomes the lowest value. The head's histogram is counted in
+    ``RANK_LEVELS`` even bins and the rank interpolated linearly inside a bin: a scatter-add, a
+    cumulative sum and two gathers, which the ONNX export computes the same, at the cost of one
+    pass over the pixels (no sort).
+    """
+    x = _as_unit_float(pixels)
+    n = x.shape[0]
+    head = (x > HEAD_LEVEL).to(x.dtype).reshape(n, -1)
+    level = ((x.reshape(n, -1) - HEAD_LEVEL) * (RANK_LEVELS / (1.0 - HEAD_LEVEL))).clamp(0.0, RANK_LEVELS - 1e-3)
+    bin_index = level.floor()
+    within = level - bin_index
+    bin_index = bin_index.long()
+    counts = torch.zeros(n, RANK_LEVELS, dtype=x.dtype, device=x.device).scatter_add(1, bin_index, head)
+    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    under = torch.cumsum(share, dim=1) - share  # share of head pixels in the bins below each bin
+    rank = (torch.gather(under, 1, bin_index) + within * torch.gather(share, 1, bin_index)) * head
+    return ((rank - 0.5) / _UNIFORM_STD).reshape_as(x).expand(-1, 3, -1, -1)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ minute (the forests on the widest groups take the most), so 1-2 minutes in all.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,15 +281,20 @@ class CueTable:
                         [p for p, m in zip(self.paths, mask, strict=True) if m])
 
 
-def cue_table(samples: Sequence[Sample], size: int = 224, progress: bool = False) -> CueTable:
-    """Decode ``samples`` (``cache.load_cached`` at ``size``, nothing stored) and compute every cue.
+def cue_table(
+    samples: Sequence[Sample], size: int = 224, progress: bool = False,
+    view: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> CueTable:
+    """Decode ``samples`` (``cache.load_cached`` at ``size``, nothing stored) and compute every cue,
+    on the decoded pixels or on ``view`` of them ((N, S, S) uint8 to the same: what a network sees).
 
     Unreadable files are left out (the duplicate audit reports them).
     """
     paths = [sample.path for sample in samples]
     decoded = load_cached(paths, size, None, progress=progress)
     keep = np.flatnonzero(decoded.ok)
-    cues = pixel_cues(np.asarray(decoded.pixels)[keep], progress=progress)
+    pixels = np.asarray(decoded.pixels)[keep]
+    cues = pixel_cues(pixels if view is None else view(pixels), progress=progress)
     cues.update(file_cues([paths[i] for i in keep], progress=progress))
     return CueTable(cues, np.array([samples[i].label for i in keep], dtype=np.int64), [paths[i] for i in keep])
 

@@ -14,10 +14,11 @@ in one fold (``GroupKFold``; images without a subject are their own group):
   manifest gives two or more sequences (or planes), which one.
 
 Balanced accuracy is reported against chance (1 / number of values): near chance, the cue group
-carries no information; near 1, a network can read it too. Pixel cues are those of the decoded
-image; the network sees it after the recipe's blur and standardisation, which remove part of it,
-so these figures are an upper bound on what the trained model can exploit, and the file cues
-(PNG against JPEG) reach the network only through JPEG artefacts.
+carries no information; near 1, a network can read it too. By default the pixel cues are those of
+the decoded image. Given a ``Preprocessing`` (a recipe's blur and standardisation), they are
+those of what the network receives, drawn as a grey picture (``seen_by_network``): the evidence
+that a preprocessing closes a shortcut rather than the hope. The file cues (PNG against JPEG)
+reach the network only through JPEG artefacts.
 """
 
 from __future__ import annotations
@@ -31,10 +32,38 @@ from tqdm import tqdm
 
 from ..constants import CLASS_NAMES
 from ..data.sources import Source, SourcedImage, load_sources
-from .shortcuts import FIT_GROUPS, CueTable, cue_table
+from ..data.transforms import Preprocessing
+from .shortcuts import FIT_GROUPS, HEAD_THRESHOLD, CueTable, cue_table
 
 AUDITED_GROUPS = ("grey", "sharpness", "framing", "plane", "file", "pixels (no file)")
 FOLDS = 3
+_HEAD_GREY = HEAD_THRESHOLD + 1  # the darkest head grey of a seen picture: still head to the cues
+_SEEN_RANGE = {"head": (-3.0, 3.0), "head_rank": (-(3**0.5), 3**0.5)}  # network input drawn black to white
+_CHUNK = 256
+
+
+def seen_by_network(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """(N, S, S) uint8 grey to the same, showing what the network receives after ``preprocessing``.
+
+    The first channel of the network input is drawn with one fixed grey scale for all images (so
+    the drawing itself normalises nothing): ImageNet's back to [0, 255]; a head standardisation's
+    range onto [21, 255] for head pixels, with the background black, so the cues still find the head.
+    """
+    import torch
+
+    out = np.empty_like(pixels)
+    for start in range(0, len(pixels), _CHUNK):
+        chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + _CHUNK]))
+        with torch.no_grad():
+            channel = preprocessing(chunk)[:, 0]
+        if preprocessing.standardise in _SEEN_RANGE:
+            low, high = _SEEN_RANGE[preprocessing.standardise]
+            grey = _HEAD_GREY + (255 - _HEAD_GREY) * ((channel - low) / (high - low)).clamp(0, 1)
+            grey = torch.where(chunk > HEAD_THRESHOLD, grey, torch.zeros_like(grey))
+        else:
+            grey = 255 * (channel * preprocessing.std[0] + preprocessing.mean[0]).clamp(0, 1)
+        out[start:start + _CHUNK] = grey.round().to(torch.uint8).numpy()
+    return out
 
 
 def _problems(images: list[SourcedImage]) -> dict[str, np.ndarray]:
@@ -85,9 +114,12 @@ def _subject_groups(images: list[SourcedImage]) -> np.ndarray:
     return np.array([ids[key] for key in keys])
 
 
-def source_audit(sources: tuple[Source, ...], size: int = 224, progress: bool = True) -> dict[str, Any]:
+def source_audit(
+    sources: tuple[Source, ...], size: int = 224, progress: bool = True, preprocessing: Preprocessing | None = None
+) -> dict[str, Any]:
     """The report (see the module doc): per problem, its values and counts, chance, and the balanced
-    accuracy of each model on each cue group.
+    accuracy of each model on each cue group; with ``preprocessing``, the pixel cues are those of
+    what a network with that preprocessing receives.
 
     Raises:
         DataError: a source cannot be read.
@@ -95,12 +127,15 @@ def source_audit(sources: tuple[Source, ...], size: int = 224, progress: bool = 
     from sklearn.base import clone
 
     images = load_sources(sources)
-    table: CueTable = cue_table(images, size, progress)
+    view = None if preprocessing is None else (lambda pixels: seen_by_network(pixels, preprocessing))
+    table: CueTable = cue_table(images, size, progress, view)
     readable = set(table.paths)
     kept = [image for image in images if image.path in readable]
     groups = _subject_groups(kept)
-    report: dict[str, Any] = {"sources": [s.name for s in sources], "n_images": len(kept), "folds": FOLDS,
-                              "problems": {}}
+    report: dict[str, Any] = {
+        "sources": [s.name for s in sources], "n_images": len(kept), "folds": FOLDS,
+        "seen_by": None if preprocessing is None else preprocessing.to_metadata(), "problems": {},
+    }
     problems = _problems(kept)
     jobs = [(p, g, m) for p in problems for g in AUDITED_GROUPS for m in _models()
             if m == "logreg" or g == "pixels (no file)"]
@@ -137,7 +172,9 @@ def write_source_report(report: dict[str, Any], out: Path) -> list[Path]:
     axis.set_xticks(range(len(problems)), problems, rotation=20, ha="right", fontsize=8)
     axis.set(ylim=(0, 1.05), ylabel="balanced accuracy (logistic regression)")
     axis.legend(fontsize=7, ncol=3)
-    axis.set_title("What trivial cues tell, cross-validated by subject (dashed: chance)", fontsize=10)
+    seen = report.get("seen_by")
+    what = f"in what the network sees ({seen['standardise']}, blur {seen['smoothing']} px)" if seen else "in the files"
+    axis.set_title(f"What trivial cues tell {what}, cross-validated by subject (dashed: chance)", fontsize=10)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=90)
     plt.close(fig)
@@ -146,7 +183,9 @@ def write_source_report(report: dict[str, Any], out: Path) -> list[Path]:
 
 def source_summary_lines(report: dict[str, Any]) -> list[str]:
     """A terminal table: balanced accuracy per problem and cue group (logistic regression), with chance."""
-    header = f"{'source audit (balanced accuracy, logreg)':<44}" + "".join(f"{g[:10]:>11}" for g in AUDITED_GROUPS)
+    seen = report.get("seen_by")
+    title = "source audit" + (f" (as seen: {seen['standardise']}, blur {seen['smoothing']})" if seen else "")
+    header = f"{title[:43]:<44}" + "".join(f"{g[:10]:>11}" for g in AUDITED_GROUPS)
     lines = [header + f"{'chance':>9}"]
     for problem, entry in report["problems"].items():
         cells = []

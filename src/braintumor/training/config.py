@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..data.sources import Source
-from ..data.transforms import AUGMENT_POLICIES, STANDARDISATIONS
+from ..data.transforms import AUGMENT_POLICIES, STANDARDISATIONS, Preprocessing
 from ..errors import ConfigError
 from ..models.registry import INITS
 
@@ -202,6 +202,19 @@ def _read_yaml(yaml_file: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{yaml_file}: expected a mapping of settings")
     return loaded
+
+
+def read_preprocessing(yaml_file: Path) -> Preprocessing:
+    """The input preprocessing a config file sets, the rest of it unread (an audit needs neither a
+    data root nor a run folder); settings it leaves out take the training defaults."""
+    values = _read_yaml(yaml_file)
+    _check_types({k: v for k, v in values.items() if k in ("image_size", "smoothing")})
+    defaults = TrainConfig.__dataclass_fields__
+    return Preprocessing(
+        image_size=values.get("image_size", defaults["image_size"].default),
+        standardise=str(values.get("standardise", defaults["standardise"].default)),
+        smoothing=float(values.get("smoothing", defaults["smoothing"].default)),
+    )
 
 
 def _check_types(values: dict[str, Any]) -> None:
