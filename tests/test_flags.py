@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -85,8 +86,8 @@ def test_the_flag_reaches_the_cli_table_csv_and_api(banded_weights: Path, tmp_pa
     )
     assert result.exit_code == 0, result.output
     assert "OUTSIDE THE VALIDATED RANGE" in result.output
-    header, row = csv_file.read_text().splitlines()[:2]
-    assert dict(zip(header.split(","), row.split(","), strict=True))["outside_validated_range"] == "true"
+    [row] = list(csv.DictReader(csv_file.open()))
+    assert row["outside_validated_range"] == "true" and "feature distance" in row["outside_validated_range_reason"]
     client = TestClient(create_app(load_model(banded_weights, device="cpu")))
     response = client.post("/v1/predict", files=[("files", (SCANS[0].name, SCANS[0].read_bytes(), "image/jpeg"))])
     [answer] = response.json()

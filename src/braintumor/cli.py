@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from .inference.predict import Classifier
     from .inference.results import Prediction, SeriesCollector
 
+# predict's CSV columns after the error: the slice's kind (slice_kind.SliceKind) and the flag's words.
+KIND_COLUMNS = ("sequence", "sequence_confidence", "sequence_origin", "plane", "plane_confidence", "plane_origin",
+                "outside_validated_range_reason")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -268,7 +272,8 @@ def predict(
         if csv_file is not None:
             writer = csv.writer(stack.enter_context(_open_csv(csv_file)))
             flag_names = ["uncertain", "not_brain_mri", "outside_validated_range"]
-            writer.writerow(["path", "label", "confidence", *classifier.class_names, *flag_names, "error"])
+            columns = ["path", "label", "confidence", *classifier.class_names, *flag_names, "error", *KIND_COLUMNS]
+            writer.writerow(columns)
         failures, first = 0, True
         series = SeriesCollector()
         # A progress bar only where a person watches both streams; results are written through
@@ -315,13 +320,18 @@ def _csv_row(result: Prediction, class_names: list[str]) -> list[str]:
     probabilities = [f"{result.probabilities[n]:.6f}" if result.probabilities else "" for n in class_names]
     confidence = f"{result.confidence:.6f}" if result.confidence is not None else ""
     flags = [_csv_flag(result.uncertain), _csv_flag(result.not_brain_mri), _csv_flag(result.outside_validated_range)]
-    return [result.path, result.label or "", confidence, *probabilities, *flags, result.error or ""]
+    kind = result.slice_kind.as_dict() if result.slice_kind is not None else {}
+    kind_cells = ["" if kind.get(name) is None else str(kind[name]) for name in KIND_COLUMNS[:-1]]
+    reason = result.outside_validated_range_reason or ""
+    return [result.path, result.label or "", confidence, *probabilities, *flags, result.error or "", *kind_cells,
+            reason]
 
 
 def _prediction_line(result: Prediction, class_names: list[str]) -> str:
-    """One classified input as a line of ``predict``'s table, with any flags after the path."""
+    """One classified input as a line of ``predict``'s table, with its kind of slice and any flags after the path."""
     row = "".join(f"{result.probabilities[n]:>11.4f}" for n in class_names)
-    flag = "  UNCERTAIN: refer to a radiologist" if result.uncertain else ""
+    kind = f"  [{result.slice_kind.label()}]" if result.slice_kind is not None else ""
+    flag = kind + ("  UNCERTAIN: refer to a radiologist" if result.uncertain else "")
     if result.not_brain_mri_reason:
         flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
     if result.outside_validated_range_reason:
@@ -441,6 +451,9 @@ def audit(
         None, metavar="CONFIG_OR_WEIGHTS", help="With --source: compute the pixel cues on what a network "
         "receives after this training config's (.yaml) or weights file's preprocessing (blur, standardisation), "
         "not on the decoded files: does the preprocessing close the shortcuts?"),
+    weights: Path | None = typer.Option(
+        None, help="The model whose training coverage (slices per class, sequence and plane, as its estimator "
+        "reads them) to print last (default: the packaged model)."),
 ) -> None:
     """Exact and near duplicates within and between splits, label conflicts, and a leak-free Testing list;
     then the shortcut audit: how far trivial, non-anatomical cues predict the label; with --source, the
@@ -475,6 +488,26 @@ def audit(
         _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
     if len(sources) > 1:
         _source_audit(sources, out, preprocessing)
+    _print_coverage(weights)
+
+
+def _print_coverage(weights: Path | None) -> None:
+    """The training coverage stored with a model's weights, as a table (a note when it has none)."""
+    from .inference.predict import default_weights_path
+    from .models.checkpoint import read_metadata
+    from .models.slice_kind import Coverage
+
+    path = weights or default_weights_path()
+    try:
+        coverage = Coverage.from_metadata(read_metadata(path).get("coverage"))
+    except (BraintumorError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
+    if coverage is None:
+        typer.echo(f"{path.name}: no training coverage stored (scripts/fit_slice_kind.py writes it)")
+        return
+    typer.echo(f"training slices of {path.name} per class and sequence, then plane (as its estimator reads them):")
+    for line in coverage.lines():
+        typer.echo(line)
 
 
 def _audit_sources(data: Path, specs: list[str]) -> tuple:

@@ -105,12 +105,17 @@ def _load_labelled(
 def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float | None) -> dict[str, Any]:
     """What a user would have been told about each scan, and how many wrong answers came with no
     warning at all: classified (not refused as not brain MRI), confident (not flagged uncertain)
-    and inside the validated range, yet wrong. ``silent_wrong_ignoring_range`` counts the wrong
-    answers that only the outside-the-validated-range flag warned about."""
+    and inside the validated range (neither in the guard's distance band nor outside what the
+    training data covers), yet wrong. ``silent_wrong_ignoring_range`` counts the wrong answers
+    that only the outside-the-validated-range flag warned about; ``flagged_outside_coverage`` the
+    answers flagged for the coverage reason (``slice_kind.coverage_reason``)."""
     n = len(labels)
     none = np.zeros(n, dtype=bool)
     refused = none if assessment.rejected is None else assessment.rejected
-    outside = none if assessment.outside_range is None else assessment.outside_range & ~refused
+    flagged = assessment.outside_validated_range()
+    outside = none if flagged is None else flagged & ~refused
+    covered = None if assessment.coverage is None else np.array([r is None for r in assessment.coverage], dtype=bool)
+    by_coverage = none if covered is None else ~covered & ~refused
     confidence = assessment.probabilities.max(axis=1) if n else np.zeros(0)
     uncertain = none if threshold is None else confidence < threshold
     wrong = assessment.probabilities.argmax(axis=1) != labels if n else none
@@ -125,6 +130,7 @@ def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float 
         "refused_not_brain_mri": share(refused),
         "flagged_uncertain": share(uncertain & ~refused),
         "flagged_outside_validated_range": share(outside),
+        "flagged_outside_coverage": share(by_coverage),
         "silent_wrong": share(silent),
         "silent_wrong_ignoring_range": share(wrong & answered),
         "accuracy_of_unflagged": float((~wrong[answered & ~outside]).mean()) if (answered & ~outside).any() else None,

@@ -27,6 +27,7 @@ from ..data.transforms import Preprocessing
 from ..errors import ConfigError
 from ..models.network import BACKENDS, Network, TorchNetwork, load_network, load_torch_network
 from ..models.ood import OODGuard, colour_rejects, outside_range_reason, refusal_reason
+from ..models.slice_kind import SliceKind, coverage_reason
 from ..models.spec import DEFAULT_CAM_LAYER, ModelSpec
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer
 from .results import NOT_BRAIN_MRI, Explanation, Prediction
@@ -50,12 +51,27 @@ def default_weights_path() -> Path:
 class Assessment:
     """What the network says about a batch: calibrated probabilities (N, C) and, with a guard,
     which inputs are refused (not brain MRI), which are outside the validated range, and the
-    guard's score of each."""
+    guard's score of each; with a slice-kind estimator, each input's sequence and plane as the
+    image suggests them, and with a coverage table, why each answer is outside what the training
+    data covers (None where it is covered)."""
 
     probabilities: np.ndarray
     rejected: np.ndarray | None = None
-    outside_range: np.ndarray | None = None
+    outside_range: np.ndarray | None = None  # the guard's feature-distance band
     scores: np.ndarray | None = None
+    kinds: list[SliceKind] | None = None
+    coverage: list[str | None] | None = None
+
+    def outside_validated_range(self) -> np.ndarray | None:
+        """Outside the validated range for either reason (distance band or coverage), refused
+        inputs excepted; None when the model has neither rule."""
+        if self.outside_range is None and self.coverage is None:
+            return None
+        n = len(self.probabilities)
+        outside = np.zeros(n, dtype=bool) if self.outside_range is None else self.outside_range.copy()
+        if self.coverage is not None:
+            outside |= np.array([reason is not None for reason in self.coverage], dtype=bool)
+        return outside & ~self.rejected if self.rejected is not None else outside
 
 
 def _as_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -155,10 +171,19 @@ class Classifier:
         if self.tta:
             mirrored = self.network.logits_and_features(pixels.flip(-1), batch_size)[0]
             probabilities = (probabilities + torch.softmax(mirrored / self.temperature, dim=1)) / 2
-        if self.guard is None or not len(features):
-            return Assessment(probabilities.numpy())
-        scores, refused, outside = self.guard.verdicts(features.double().numpy())
-        return Assessment(probabilities.numpy(), refused, outside, scores)
+        assessment = Assessment(probabilities.numpy())
+        if not len(features):
+            return assessment
+        if self.guard is not None:
+            assessment.scores, assessment.rejected, assessment.outside_range = self.guard.verdicts(
+                features.double().numpy())
+        if self.spec.slice_kind is not None:
+            assessment.kinds = self.spec.slice_kind.estimate(features.double().numpy())
+            if self.spec.coverage is not None:
+                answers = [self.class_names[int(a)] for a in assessment.probabilities.argmax(axis=1)]
+                assessment.coverage = [coverage_reason(kind, answer, self.spec.coverage)
+                                       for kind, answer in zip(assessment.kinds, answers, strict=True)]
+        return assessment
 
     def logits_and_features(
         self, pixels: np.ndarray | torch.Tensor, batch_size: int = 64
@@ -201,7 +226,8 @@ class Classifier:
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
-        outside, reason = self._outside_range(assessment, k, bool(rejected))
+        kind = self._slice_kind(item, assessment, k)
+        outside, reason = self._outside_range(assessment, k, bool(rejected), kind, self.class_names[best])
         return Prediction(
             path=item.source,
             label=NOT_BRAIN_MRI if rejected else self.class_names[best],
@@ -217,16 +243,39 @@ class Classifier:
             file=item.path if item.volume else None,
             note=item.note,
             dicom=item.dicom,
+            slice_kind=kind,
         )
 
-    def _outside_range(self, assessment: Assessment, k: int, rejected: bool) -> tuple[bool | None, str | None]:
-        """The outside-the-validated-range flag and its reason (None: the guard has no such band;
-        a refused input is not flagged: it is not classified at all)."""
-        if self.guard is None or self.guard.range_threshold is None or assessment.outside_range is None:
+    @staticmethod
+    def _slice_kind(item: Slice, assessment: Assessment, k: int) -> SliceKind | None:
+        """The image's estimate with what the file says put first: a DICOM header's plane and
+        sequence, or the axial plane of a volume's slices (volumes are read in RAS order)."""
+        if assessment.kinds is None:
+            return None
+        kind = assessment.kinds[k]
+        if item.dicom is not None:
+            return kind.with_header(item.dicom.plane, item.dicom.sequence)
+        return kind.with_header("axial", None) if item.volume else kind
+
+    def _outside_range(
+        self, assessment: Assessment, k: int, rejected: bool, kind: SliceKind | None, answer: str
+    ) -> tuple[bool | None, str | None]:
+        """The outside-the-validated-range flag and its reasons: the training data has no
+        counterpart of this kind of slice for this answer (``slice_kind.coverage_reason``), or the
+        features lie in the guard's band. None: the model has neither rule; a refused input is
+        not flagged: it is not classified at all."""
+        guard = self.guard
+        by_distance = guard is not None and guard.range_threshold is not None and assessment.outside_range is not None
+        by_coverage = self.spec.coverage is not None and kind is not None
+        if not (by_distance or by_coverage):
             return None, None
-        if rejected or not assessment.outside_range[k]:
+        if rejected:
             return False, None
-        return True, outside_range_reason(float(assessment.scores[k]), self.guard.range_threshold)
+        reasons = [coverage_reason(kind, answer, self.spec.coverage)] if by_coverage else []
+        if by_distance and assessment.outside_range[k]:
+            reasons.append(outside_range_reason(float(assessment.scores[k]), self.guard.range_threshold))
+        reasons = [r for r in reasons if r]
+        return bool(reasons), "; ".join(reasons) or None
 
     def predict_iter(
         self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32, workers: int = 2, progress: bool = False

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..data.series import DicomRef, most_common, series_order_key
+from ..models.slice_kind import SliceKind
 
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
 
@@ -36,12 +37,14 @@ class Prediction:
     uncertain: bool | None = None  # confidence below the model's refer-to-a-radiologist threshold
     not_brain_mri: bool | None = None  # the out-of-distribution guard rejected the input
     not_brain_mri_reason: str | None = None  # which of the guard's rules refused it, in words
-    # A brain MRI slice, classified, but unlike the scans the model was validated on (ood.OODGuard)
+    # A brain MRI slice, classified, but of a kind the training data has no counterpart of for this
+    # answer (slice_kind.coverage_reason), or unlike the scans the model was validated on (ood.OODGuard)
     outside_validated_range: bool | None = None
     outside_validated_range_reason: str | None = None
     file: str | None = None  # the file a slice of a volume came from (groups a volume's slices)
     note: str | None = None  # what reading changed that the user should know (NaN voxels left out)
     dicom: DicomRef | None = None  # a DICOM slice's study, series and place in it (groups series)
+    slice_kind: SliceKind | None = None  # sequence and plane, from the header or the image
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``predict --json`` and of the HTTP service."""
@@ -54,6 +57,8 @@ class Prediction:
         result["outside_validated_range"] = self.outside_validated_range
         if self.outside_validated_range_reason is not None:
             result["outside_validated_range_reason"] = self.outside_validated_range_reason
+        if self.slice_kind is not None:
+            result["slice_kind"] = self.slice_kind.as_dict()
         if self.index is not None:
             result["index"] = self.index
         if self.note is not None:
@@ -71,6 +76,8 @@ MIN_ADJACENT = 2  # confident slices in a row that a tumour verdict needs
 # seen a T2 or FLAIR tumour: such a series may be called a tumour class, never notumor.
 UNTRAINED_SEQUENCES = frozenset({"DWI", "ADC", "SWI", "perfusion", "T2*", "PD", "localizer"})
 NORMAL_ONLY_SEQUENCES = frozenset({"T2", "FLAIR"})
+# The estimator's sequence families in the headers' words (data.series.SEQUENCE_WORDS).
+SERIES_SEQUENCE_NAMES = {"t1": "T1", "t1c": "T1C", "t2": "T2", "flair": "FLAIR"}
 
 
 def _is_confident(prediction: Prediction) -> bool:
@@ -225,16 +232,34 @@ def _series_path(ordered: list[Prediction]) -> str:
 
 
 def describe_series(ordered: list[Prediction]) -> dict[str, Any]:
-    """What the headers of a series say it is: its UIDs, description, plane and sequence."""
+    """What a series is: its UIDs and description from the headers; its plane and sequence from the
+    headers where they say, else the slices' estimates (``slice_kind``: the most common one)."""
     refs = [p.dicom for p in ordered if p.dicom is not None]
     if not refs:
-        return {"plane": "axial" if any(p.volume for p in ordered) else "unknown", "sequence": "unknown"}
-    sequence = most_common([r.sequence for r in refs])
-    return {
-        "study_instance_uid": refs[0].study_uid, "series_instance_uid": refs[0].series_uid,
-        "description": refs[0].description, "plane": most_common([r.plane for r in refs]), "sequence": sequence,
-        "sequence_from": next((r.sequence_source for r in refs if r.sequence == sequence), ""),
-    }
+        described = {"plane": "axial" if any(p.volume for p in ordered) else "unknown", "sequence": "unknown",
+                     "sequence_from": ""}
+    else:
+        sequence = most_common([r.sequence for r in refs])
+        described = {
+            "study_instance_uid": refs[0].study_uid, "series_instance_uid": refs[0].series_uid,
+            "description": refs[0].description, "plane": most_common([r.plane for r in refs]), "sequence": sequence,
+            "sequence_from": next((r.sequence_source for r in refs if r.sequence == sequence), ""),
+        }
+    return {**described, **_estimated_kind(ordered, described)}
+
+
+def _estimated_kind(ordered: list[Prediction], described: dict[str, Any]) -> dict[str, Any]:
+    """The plane and sequence the slices' images suggest, where the headers leave them unknown."""
+    kinds = [p.slice_kind for p in ordered if p.slice_kind is not None]
+    if not kinds:
+        return {}
+    found: dict[str, Any] = {}
+    if described["sequence"] == "unknown":
+        family = most_common([k.sequence for k in kinds])
+        found.update(sequence=SERIES_SEQUENCE_NAMES.get(family, "unknown"), sequence_from="image estimate")
+    if described["plane"] == "unknown":
+        found.update(plane=most_common([k.plane for k in kinds]), plane_from="image estimate")
+    return found
 
 
 def summarize_series(predictions: list[Prediction]) -> dict[str, Any]:

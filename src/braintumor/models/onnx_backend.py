@@ -32,6 +32,7 @@ from ..data.transforms import Preprocessing
 from ..errors import CheckpointError
 from .checkpoint import weights_sha256
 from .ood import OODGuard
+from .slice_kind import SliceKindEstimator
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 METADATA_KEY = "braintumor"
 GUARD_KEY = "braintumor_ood"
+SLICE_KIND_KEY = "braintumor_slice_kind"
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("logits", "features")
 OPSET = 18
@@ -95,6 +97,9 @@ def export_model_proto(network: TorchNetwork, source: str):
                 "threshold": guard.threshold, "range_threshold": guard.range_threshold,
             }
         )
+    if spec.slice_kind is not None:
+        tensors = spec.slice_kind.to_tensors()
+        props[SLICE_KIND_KEY] = json.dumps({k: _encode_array(v.numpy()) for k, v in tensors.items()})
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -201,7 +206,12 @@ class OnnxNetwork:
                 _decode_array(stored["mean"]), _decode_array(stored["components"]), float(stored["threshold"]),
                 None if band is None else float(band),
             )
-        self.spec = ModelSpec.from_metadata(metadata, guard, name)
+        slice_kind = None
+        if SLICE_KIND_KEY in props:
+            stored = json.loads(props[SLICE_KIND_KEY])
+            slice_kind = SliceKindEstimator.from_tensors(
+                {k: torch.from_numpy(_decode_array(v)) for k, v in stored.items()})
+        self.spec = ModelSpec.from_metadata(metadata, guard, name, slice_kind)
         self.exported_from: str | None = metadata.get("exported_from")
 
     def logits_and_features(

@@ -78,7 +78,7 @@ def load_weights_file(
     path: str | Path, dropout: float = 0.2, stochastic_depth: float = 0.2
 ) -> tuple[nn.Module, ModelSpec]:
     """The one loader of a braintumor ``.safetensors`` file: its network (in eval mode, batch
-    norm not folded, so it can be trained further) and its validated spec, guard included.
+    norm not folded, so it can be trained further) and its validated spec, guard and slice-kind estimator included.
 
     Raises:
         CheckpointError: the file is missing, unreadable, its metadata invalid, or its tensors do
@@ -86,10 +86,12 @@ def load_weights_file(
     """
     from .checkpoint import load_weights
     from .ood import split_guard
+    from .slice_kind import split_slice_kind
 
     tensors, metadata = load_weights(path)
     state, guard = split_guard(tensors)
-    spec = ModelSpec.from_metadata(metadata, guard, str(path))
+    state, slice_kind = split_slice_kind(state)
+    spec = ModelSpec.from_metadata(metadata, guard, str(path), slice_kind)
     model = build_model(spec.architecture, len(spec.class_names), dropout, stochastic_depth)
     return _load_state(model, state, path).eval(), spec
 

@@ -1,11 +1,12 @@
 """``ModelSpec``: everything needed to use a set of weights correctly, read once from the file.
 
 A weights file (``.safetensors``) or an exported graph (``.onnx``) carries its metadata: the
-architecture, the class order, the preprocessing, the Grad-CAM layer, the calibration and the
-out-of-distribution guard. ``ModelSpec.from_metadata`` validates all of it in one place, so a
-damaged or foreign file fails at load time with one clear message, and every path (training's
-output, torch and ONNX inference, Grad-CAM, the service, export) reads the same typed values
-instead of looking up string keys in a dict.
+architecture, the class order, the preprocessing, the Grad-CAM layer, the calibration, the
+out-of-distribution guard, the sequence and plane estimator and what the training data covers.
+``ModelSpec.from_metadata`` validates all of it in one place, so a damaged or foreign file fails
+at load time with one clear message, and every path (training's output, torch and ONNX
+inference, Grad-CAM, the service, export) reads the same typed values instead of looking up
+string keys in a dict.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..constants import CLASS_NAMES
 from ..data.transforms import Preprocessing
 from ..errors import CheckpointError, ConfigError
 from .ood import OODGuard
+from .slice_kind import Coverage, SliceKindEstimator
 
 DEFAULT_ARCHITECTURE = "efficientnet_b0"
 # The architectures a spec may name: the keys of ``registry.ARCHITECTURES`` (the registry checks
@@ -31,7 +33,8 @@ ARCHITECTURE_NAMES: tuple[str, ...] = ("efficientnet_b0",)
 DEFAULT_CAM_LAYER = "features.5"
 # Metadata keys the spec owns; everything else (metrics, recipe, training data) is kept in ``info``.
 _SPEC_KEYS = frozenset(
-    {"model", "class_names", "cam_layer", "temperature", "uncertainty_threshold", *Preprocessing().to_metadata()}
+    {"model", "class_names", "cam_layer", "temperature", "uncertainty_threshold", "coverage",
+     *Preprocessing().to_metadata()}
 )
 
 
@@ -50,6 +53,8 @@ class ModelSpec:
     temperature: float = 1.0  # logits are divided by it before the softmax (scripts/calibrate.py)
     uncertainty_threshold: float | None = None  # below this confidence an answer is flagged uncertain
     guard: OODGuard | None = field(default=None, compare=False)
+    slice_kind: SliceKindEstimator | None = field(default=None, compare=False)
+    coverage: Coverage | None = field(default=None, compare=False)  # training slices per class, sequence, plane
     info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
     @property
@@ -57,8 +62,12 @@ class ModelSpec:
         return self.preprocessing.image_size
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any], guard: OODGuard | None = None, source: str = "") -> ModelSpec:
-        """The spec of a file's decoded metadata, validated (older files lack some keys: defaults).
+    def from_metadata(
+        cls, metadata: Mapping[str, Any], guard: OODGuard | None = None, source: str = "",
+        slice_kind: SliceKindEstimator | None = None,
+    ) -> ModelSpec:
+        """The spec of a file's decoded metadata, validated (older files lack some keys: defaults);
+        the guard and the slice-kind estimator travel as tensors and come in beside it.
 
         Raises:
             CheckpointError: a value is missing its type or range; the message names ``source``.
@@ -72,6 +81,8 @@ class ModelSpec:
                 temperature=float(metadata.get("temperature", 1.0)),
                 uncertainty_threshold=_optional_float(metadata.get("uncertainty_threshold")),
                 guard=guard,
+                slice_kind=slice_kind,
+                coverage=Coverage.from_metadata(metadata.get("coverage")),
                 info=MappingProxyType({k: v for k, v in metadata.items() if k not in _SPEC_KEYS}),
             )
             spec.validate()
@@ -100,6 +111,8 @@ class ModelSpec:
         metadata.update({"cam_layer": self.cam_layer, "temperature": self.temperature})
         if self.uncertainty_threshold is not None:
             metadata["uncertainty_threshold"] = self.uncertainty_threshold
+        if self.coverage is not None:
+            metadata["coverage"] = self.coverage.to_metadata()
         return metadata
 
     def with_guard(self, guard: OODGuard | None) -> ModelSpec:

@@ -180,9 +180,11 @@ class DicomNode:
             raise SeriesFailed(f"no instance of the series is a readable image ({first})")
         results = self.reporter.results(read, previous=self.queue.previous_reports(work))
         files = {f"{d.SOPInstanceUID}.dcm": _file_bytes(d) for d in results.datasets()}
-        keep = ("label", "reason", "n_slices", "plane", "sequence", "key_slices", "refused", "uncertain",
-                "outside_validated_range", "confident", "study_instance_uid", "series_instance_uid", "description")
-        summary = {k: results.summary[k] for k in keep} | {"unreadable": len(predictions) - len(read)}
+        keep = ("label", "reason", "n_slices", "plane", "sequence", "sequence_from", "plane_from", "key_slices",
+                "refused", "uncertain", "outside_validated_range", "confident", "study_instance_uid",
+                "series_instance_uid", "description")
+        summary = {k: results.summary[k] for k in keep if k in results.summary}
+        summary["unreadable"] = len(predictions) - len(read)
         if results.note:
             summary["note"] = results.note
         return files, summary, files[f"{results.sr.SOPInstanceUID}.dcm"]

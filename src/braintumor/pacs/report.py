@@ -274,7 +274,9 @@ def _finding(summary: dict[str, Any]) -> Any:
 
 
 def _comment(summary: dict[str, Any]) -> str:
-    looks = f"{summary['plane']} {summary['sequence']}"
+    from_images = "image estimate" in (summary.get("sequence_from"), summary.get("plane_from"))
+    estimated = " (estimated from the images)" if from_images else ""
+    looks = f"{summary['plane']} {summary['sequence']}{estimated}"
     return f"{summary['label']}: {summary['reason']}. Series read as {looks} ({summary['n_slices']} slices)."
 
 
