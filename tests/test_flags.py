@@ -77,6 +77,7 @@ def test_a_photo_is_refused_not_flagged(banded_weights: Path) -> None:
     photo = load_sample_images().images[0]
     [result] = load_model(banded_weights, device="cpu").predict(photo)
     assert result.not_brain_mri is True and result.outside_validated_range is False
+    assert result.slice_kind is None  # no sequence or plane is claimed for what is not a scan
 
 
 def test_the_flag_reaches_the_cli_table_csv_and_api(banded_weights: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,44 @@ def test_the_shipped_model_reads_the_bundled_t2_slice_as_t2_and_says_so() -> Non
     gliomas = [EXAMPLES / "glioma" / "Te-glTr_0006.jpg", EXAMPLES / "glioma" / "Te-gl_0010.jpg"]
     for glioma in classifier.predict(gliomas):
         assert glioma.slice_kind.sequence == "t1c" and not glioma.outside_validated_range
+
+
+def test_a_plain_t1_guessed_from_tr_and_te_does_not_overrule_the_image() -> None:
+    """A header whose T1 comes from TR and TE alone (no contrast tag is common after contrast)
+    leaves the image's contrast-T1 reading; a T1 its description names, and its plane, win."""
+    from types import SimpleNamespace
+
+    from braintumor.inference.predict import Assessment, Classifier
+
+    image = SliceKind("t1c", 0.9, "image", "axial", 0.9, "image")
+    assessment = Assessment(np.zeros((1, 4)), kinds=[image])
+
+    def item(source: str) -> SimpleNamespace:
+        ref = SimpleNamespace(plane="coronal", sequence="T1", sequence_source=source)
+        return SimpleNamespace(dicom=ref, volume=False)
+
+    guessed = Classifier._slice_kind(item("acquisition tags"), assessment, 0)
+    assert (guessed.sequence, guessed.sequence_origin, guessed.plane) == ("t1c", "image", "coronal")
+    named = Classifier._slice_kind(item("SeriesDescription"), assessment, 0)
+    assert (named.sequence, named.sequence_origin) == ("t1", "header")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("tensor", "slice_kind tensor plane_bias must be finite with shape (3,)"),
+    ("classes", "coverage classes"),
+])
+def test_a_damaged_estimator_or_coverage_is_one_clear_error(t2_weights: Path, tmp_path: Path,
+                                                            damage: str, message: str) -> None:
+    from braintumor.errors import CheckpointError
+    from braintumor.models.checkpoint import load_weights
+
+    tensors, metadata = load_weights(t2_weights)
+    if damage == "tensor":
+        tensors["slice_kind.plane_bias"] = torch.zeros(4)
+    else:
+        metadata["coverage"] = Coverage.count([], [], ["glioma", "notumor"]).to_metadata()
+    broken = tmp_path / "broken.safetensors"
+    save_weights(tensors, broken, metadata)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as caught:
+        load_model(broken, device="cpu")
+    assert str(broken) in str(caught.value) and "\n" not in str(caught.value)

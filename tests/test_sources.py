@@ -318,3 +318,8 @@ def test_audit_command_sees_through_a_config(kaggle_tree: Path, extra_tree: Path
     assert json.loads((out / "sources.json").read_text())["seen_by"]["standardise"] == "head_rank"
     missing = CliRunner().invoke(app, [*args, "--seen-by", str(tmp_path / "none.safetensors")])
     assert missing.exit_code == 2 and "none.safetensors" in missing.output and "Traceback" not in missing.output
+    graph = CliRunner().invoke(app, [*args, "--seen-by", str(tmp_path / "model.onnx")])
+    assert graph.exit_code == 2 and "expected a training config (.yaml) or a .safetensors" in graph.output
+    alone = CliRunner().invoke(app, ["audit", str(kaggle_tree), "--out", str(out), "--no-shortcuts",
+                                     "--seen-by", str(config)])
+    assert alone.exit_code == 2 and "--seen-by needs --source" in alone.output

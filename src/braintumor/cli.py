@@ -468,7 +468,10 @@ def audit(
         if external is not None and shortcuts:
             resolve_split_dir(external, "Testing")
         sources = _audit_sources(data, source)
+        if seen_by is not None and len(sources) < 2:
+            raise BraintumorError("--seen-by needs --source: it changes what the source audit measures")
         preprocessing = None if seen_by is None else _preprocessing_of(seen_by)
+        coverage = _coverage_of(weights)  # read before the long audit: a bad file fails first
         report = run_audit(data, threshold=threshold)
         write_report(report, out, data)
     except BraintumorError as exc:
@@ -488,24 +491,25 @@ def audit(
         _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
     if len(sources) > 1:
         _source_audit(sources, out, preprocessing)
-    _print_coverage(weights)
+    _print_coverage(*coverage)
 
 
-def _print_coverage(weights: Path | None) -> None:
-    """The training coverage stored with a model's weights, as a table (a note when it has none)."""
+def _coverage_of(weights: Path | None) -> tuple:
+    """(name of the weights file, the training coverage stored with it or None)."""
     from .inference.predict import default_weights_path
     from .models.checkpoint import read_metadata
-    from .models.slice_kind import Coverage
+    from .models.spec import ModelSpec
 
     path = weights or default_weights_path()
-    try:
-        coverage = Coverage.from_metadata(read_metadata(path).get("coverage"))
-    except (BraintumorError, ValueError) as exc:
-        _fail(f"{path}: {exc}")
+    return path.name, ModelSpec.from_metadata(read_metadata(path), source=str(path)).coverage
+
+
+def _print_coverage(name: str, coverage) -> None:
+    """The training coverage as a table (a note when the weights have none)."""
     if coverage is None:
-        typer.echo(f"{path.name}: no training coverage stored (scripts/fit_slice_kind.py writes it)")
+        typer.echo(f"{name}: no training coverage stored (scripts/fit_slice_kind.py writes it)")
         return
-    typer.echo(f"training slices of {path.name} per class and sequence, then plane (as its estimator reads them):")
+    typer.echo(f"training slices of {name} per class and sequence, then plane (as its estimator reads them):")
     for line in coverage.lines():
         typer.echo(line)
 
@@ -530,15 +534,17 @@ def _audit_sources(data: Path, specs: list[str]) -> tuple:
 
 def _preprocessing_of(path: Path):
     """The preprocessing a training config (.yaml/.yml) or a weights file sets; one-line errors."""
-    from .data.transforms import Preprocessing
 
     if path.suffix.lower() in (".yaml", ".yml"):
         from .training.config import read_preprocessing
 
         return read_preprocessing(path)
+    if path.suffix.lower() != ".safetensors":
+        raise BraintumorError(f"--seen-by {path}: expected a training config (.yaml) or a .safetensors weights file")
     from .models.checkpoint import read_metadata
+    from .models.spec import ModelSpec
 
-    return Preprocessing.from_metadata(read_metadata(path))
+    return ModelSpec.from_metadata(read_metadata(path), source=str(path)).preprocessing
 
 
 def _source_audit(sources: tuple, out: Path, preprocessing=None) -> None:

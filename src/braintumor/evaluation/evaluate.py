@@ -107,7 +107,8 @@ def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float 
     warning at all: classified (not refused as not brain MRI), confident (not flagged uncertain)
     and inside the validated range (neither in the guard's distance band nor outside what the
     training data covers), yet wrong. ``silent_wrong_ignoring_range`` counts the wrong answers
-    that only the outside-the-validated-range flag warned about; ``flagged_outside_coverage`` the
+    that were neither refused nor flagged uncertain, whatever the outside-the-validated-range flag
+    said; ``flagged_outside_coverage`` the
     answers flagged for the coverage reason (``slice_kind.coverage_reason``)."""
     n = len(labels)
     none = np.zeros(n, dtype=bool)

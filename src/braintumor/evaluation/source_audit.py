@@ -48,6 +48,9 @@ def seen_by_network(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndar
     The first channel of the network input is drawn with one fixed grey scale for all images (so
     the drawing itself normalises nothing): ImageNet's back to [0, 255]; a head standardisation's
     range onto [21, 255] for head pixels, with the background black, so the cues still find the head.
+    Under ``head`` the network's background is each image's -mean/std and its head runs to +-8,
+    so this drawing shows it a little less than the network gets; under ``head_rank`` the
+    background is one constant for every image and the drawing loses nothing but rounding.
     """
     import torch
 

@@ -53,7 +53,8 @@ class Assessment:
     which inputs are refused (not brain MRI), which are outside the validated range, and the
     guard's score of each; with a slice-kind estimator, each input's sequence and plane as the
     image suggests them, and with a coverage table, why each answer is outside what the training
-    data covers (None where it is covered)."""
+    data covers (None where it is covered). All of it from the pixels alone: a prediction of a
+    DICOM slice puts its header's plane and sequence first (``Classifier._slice_kind``)."""
 
     probabilities: np.ndarray
     rejected: np.ndarray | None = None
@@ -226,7 +227,7 @@ class Classifier:
         best = int(probabilities.argmax())
         confidence = float(probabilities[best])
         threshold = self.uncertainty_threshold
-        kind = self._slice_kind(item, assessment, k)
+        kind = None if rejected else self._slice_kind(item, assessment, k)
         outside, reason = self._outside_range(assessment, k, bool(rejected), kind, self.class_names[best])
         return Prediction(
             path=item.source,
@@ -249,12 +250,16 @@ class Classifier:
     @staticmethod
     def _slice_kind(item: Slice, assessment: Assessment, k: int) -> SliceKind | None:
         """The image's estimate with what the file says put first: a DICOM header's plane and
-        sequence, or the axial plane of a volume's slices (volumes are read in RAS order)."""
+        sequence, or the axial plane of a volume's slices (volumes are read in RAS order). A plain
+        T1 inferred from TR and TE alone does not overrule the image: a contrast agent is often
+        given without the header saying so (``data.series._sequence_from_tags``)."""
         if assessment.kinds is None:
             return None
         kind = assessment.kinds[k]
         if item.dicom is not None:
-            return kind.with_header(item.dicom.plane, item.dicom.sequence)
+            ref = item.dicom
+            guessed_t1 = ref.sequence == "T1" and ref.sequence_source == "acquisition tags"
+            return kind.with_header(ref.plane, None if guessed_t1 else ref.sequence)
         return kind.with_header("axial", None) if item.volume else kind
 
     def _outside_range(

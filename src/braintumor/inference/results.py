@@ -254,9 +254,9 @@ def _estimated_kind(ordered: list[Prediction], described: dict[str, Any]) -> dic
     if not kinds:
         return {}
     found: dict[str, Any] = {}
-    if described["sequence"] == "unknown":
-        family = most_common([k.sequence for k in kinds])
-        found.update(sequence=SERIES_SEQUENCE_NAMES.get(family, "unknown"), sequence_from="image estimate")
+    family = most_common([k.sequence for k in kinds])
+    if described["sequence"] == "unknown" and family in SERIES_SEQUENCE_NAMES:
+        found.update(sequence=SERIES_SEQUENCE_NAMES[family], sequence_from="image estimate")
     if described["plane"] == "unknown":
         found.update(plane=most_common([k.plane for k in kinds]), plane_from="image estimate")
     return found

@@ -62,7 +62,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     }
-    metadata.update({key: json.loads(value) for key, value in raw.items() if key != "format"})
+    try:
+        metadata.update({key: json.loads(value) for key, value in raw.items() if key != "format"})
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata is not JSON ({exc})") from None
     return metadata
 
 

@@ -208,9 +208,12 @@ class OnnxNetwork:
             )
         slice_kind = None
         if SLICE_KIND_KEY in props:
-            stored = json.loads(props[SLICE_KIND_KEY])
-            slice_kind = SliceKindEstimator.from_tensors(
-                {k: torch.from_numpy(_decode_array(v)) for k, v in stored.items()})
+            try:
+                stored = json.loads(props[SLICE_KIND_KEY])
+                slice_kind = SliceKindEstimator.from_tensors(
+                    {k: torch.from_numpy(_decode_array(v)) for k, v in stored.items()})
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise CheckpointError(f"{name}: invalid slice_kind metadata ({exc})") from None
         self.spec = ModelSpec.from_metadata(metadata, guard, name, slice_kind)
         self.exported_from: str | None = metadata.get("exported_from")
 

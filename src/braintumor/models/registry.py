@@ -90,7 +90,10 @@ def load_weights_file(
 
     tensors, metadata = load_weights(path)
     state, guard = split_guard(tensors)
-    state, slice_kind = split_slice_kind(state)
+    try:
+        state, slice_kind = split_slice_kind(state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid model tensors ({exc})") from None
     spec = ModelSpec.from_metadata(metadata, guard, str(path), slice_kind)
     model = build_model(spec.architecture, len(spec.class_names), dropout, stochastic_depth)
     return _load_state(model, state, path).eval(), spec

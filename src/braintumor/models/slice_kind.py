@@ -132,10 +132,24 @@ class SliceKindEstimator:
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> SliceKindEstimator | None:
-        """The estimator stored in a weights file, or None when the file has none."""
-        if TENSOR_PREFIX + "mean" not in tensors:
+        """The estimator stored in a weights file, or None when the file has none.
+
+        Raises:
+            ValueError: a tensor is missing, of the wrong shape, or not finite.
+        """
+        if not any(k.startswith(TENSOR_PREFIX) for k in tensors):
             return None
         get = {k[len(TENSOR_PREFIX):]: v.double().numpy() for k, v in tensors.items() if k.startswith(TENSOR_PREFIX)}
+        shapes = {"mean": (-1,), "scale": (-1,), "sequence_weight": (len(SEQUENCES), -1),
+                  "sequence_bias": (len(SEQUENCES),), "plane_weight": (len(PLANES), -1), "plane_bias": (len(PLANES),)}
+        width = get.get("mean", np.zeros(0)).shape[-1:]
+        for name, shape in shapes.items():
+            expected = tuple(width[0] if n == -1 and width else n for n in shape)
+            if name not in get or get[name].shape != expected or not np.isfinite(get[name]).all():
+                found = get[name].shape if name in get else "missing"
+                raise ValueError(f"slice_kind tensor {name} must be finite with shape {expected}, got {found}")
+        if (get["scale"] <= 0).any():
+            raise ValueError("slice_kind tensor scale must be positive")
         return cls(get["mean"], get["scale"], _Head(get["sequence_weight"], get["sequence_bias"]),
                    _Head(get["plane_weight"], get["plane_bias"]))
 
@@ -205,9 +219,13 @@ class Coverage:
         try:
             cells = {str(c): {s: {p: int(v.get(s, {}).get(p, 0)) for p in PLANES} for s in SEQUENCES}
                      for c, v in value["cells"].items()}
-            return cls(cells, int(value.get("minimum", MIN_COVERED)), float(value.get("minimum_share", MIN_SHARE)))
-        except (KeyError, TypeError, AttributeError) as exc:
+            coverage = cls(cells, int(value.get("minimum", MIN_COVERED)), float(value.get("minimum_share", MIN_SHARE)))
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
             raise ValueError(f"coverage must be counts per class, sequence and plane ({exc!r})") from None
+        counts = [n for planes in (p for c in cells.values() for p in c.values()) for n in planes.values()]
+        if min(counts, default=0) < 0 or coverage.minimum < 0 or not 0.0 <= coverage.minimum_share <= 1.0:
+            raise ValueError("coverage counts and minimum must be >= 0 and minimum_share in [0, 1]")
+        return coverage
 
     def of(self, axis: str, name: str, value: str) -> int:
         """Training slices of class ``name`` in a sequence (``axis`` 'sequence') or a plane."""

@@ -101,6 +101,8 @@ class ModelSpec:
         threshold = self.uncertainty_threshold
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"uncertainty_threshold must be in [0, 1], got {threshold}")
+        if self.coverage is not None and set(self.coverage.cells) != set(self.class_names):
+            raise ValueError(f"coverage classes {sorted(self.coverage.cells)} are not the class names")
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 >= 32, got {self.image_size}")
 

@@ -165,7 +165,7 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
         "std": list(spec.preprocessing.std),
         "preprocessing": spec.preprocessing.to_metadata(),
         "outside_range_flag": (spec.guard is not None and spec.guard.range_threshold is not None)
-        or spec.coverage is not None,
+        or (spec.coverage is not None and spec.slice_kind is not None),
         "slice_kind": spec.slice_kind is not None,
         "coverage": spec.coverage.to_metadata() if spec.coverage is not None else None,
         "version": {"braintumor": __version__, "weights": path.name if path else None, "sha256": digest},
