@@ -494,14 +494,20 @@ def audit(
     _print_coverage(*coverage)
 
 
-def _coverage_of(weights: Path | None) -> tuple:
-    """(name of the weights file, the training coverage stored with it or None)."""
-    from .inference.predict import default_weights_path
+def _spec_of(path: Path):
+    """The validated spec of a weights file, from its metadata alone (no network is built)."""
     from .models.checkpoint import read_metadata
     from .models.spec import ModelSpec
 
+    return ModelSpec.from_metadata(read_metadata(path), source=str(path))
+
+
+def _coverage_of(weights: Path | None) -> tuple:
+    """(name of the weights file, the training coverage stored with it or None)."""
+    from .inference.predict import default_weights_path
+
     path = weights or default_weights_path()
-    return path.name, ModelSpec.from_metadata(read_metadata(path), source=str(path)).coverage
+    return path.name, _spec_of(path).coverage
 
 
 def _print_coverage(name: str, coverage) -> None:
@@ -534,17 +540,13 @@ def _audit_sources(data: Path, specs: list[str]) -> tuple:
 
 def _preprocessing_of(path: Path):
     """The preprocessing a training config (.yaml/.yml) or a weights file sets; one-line errors."""
-
     if path.suffix.lower() in (".yaml", ".yml"):
         from .training.config import read_preprocessing
 
         return read_preprocessing(path)
     if path.suffix.lower() != ".safetensors":
         raise BraintumorError(f"--seen-by {path}: expected a training config (.yaml) or a .safetensors weights file")
-    from .models.checkpoint import read_metadata
-    from .models.spec import ModelSpec
-
-    return ModelSpec.from_metadata(read_metadata(path), source=str(path)).preprocessing
+    return _spec_of(path).preprocessing
 
 
 def _source_audit(sources: tuple, out: Path, preprocessing=None) -> None:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..data.series import DicomRef, most_common, series_order_key
-from ..models.slice_kind import SliceKind
+from ..models.slice_kind import HEADER_SEQUENCES, SliceKind
 
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
 
@@ -77,7 +77,7 @@ MIN_ADJACENT = 2  # confident slices in a row that a tumour verdict needs
 UNTRAINED_SEQUENCES = frozenset({"DWI", "ADC", "SWI", "perfusion", "T2*", "PD", "localizer"})
 NORMAL_ONLY_SEQUENCES = frozenset({"T2", "FLAIR"})
 # The estimator's sequence families in the headers' words (data.series.SEQUENCE_WORDS).
-SERIES_SEQUENCE_NAMES = {"t1": "T1", "t1c": "T1C", "t2": "T2", "flair": "FLAIR"}
+SERIES_SEQUENCE_NAMES = {family: word for word, family in HEADER_SEQUENCES.items()}
 
 
 def _is_confident(prediction: Prediction) -> bool:

@@ -41,7 +41,7 @@ MIN_SHARE = 0.05
 NO_TUMOUR = "notumor"
 # A DICOM header's sequence (data.series.sequence_of) to the estimator's families; DWI, SWI and the
 # like are 'other'; 'unknown' leaves the sequence to the image.
-_HEADER_SEQUENCES = {"T1": "t1", "T1C": "t1c", "T2": "t2", "FLAIR": "flair"}
+HEADER_SEQUENCES = {"T1": "t1", "T1C": "t1c", "T2": "t2", "FLAIR": "flair"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class SliceKind:
         """This estimate with what a DICOM header says put first (values the estimator does not
         know, such as 'oblique' or 'unknown', leave the image's estimate in place)."""
         named = sequence not in (None, "", "unknown")
-        family = _HEADER_SEQUENCES.get((sequence or "").upper(), "other" if named else None)
+        family = HEADER_SEQUENCES.get((sequence or "").upper(), "other" if named else None)
         kind = self
         if family is not None:
             kind = SliceKind(family, None, "header", kind.plane, kind.plane_confidence, kind.plane_origin)
