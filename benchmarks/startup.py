@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 CASES = {
     "python -c pass (the interpreter alone)": [sys.executable, "-c", "pass"],
     "import braintumor": [sys.executable, "-c", "import braintumor"],
-    "braintumor --help": [shutil.which("braintumor") or "braintumor", "--help"],
+    # the environment's own console script, whether or not its bin folder is on PATH
+    "braintumor --help": [str(Path(sys.executable).with_name("braintumor")), "--help"],
     "import braintumor; load_model() (for scale)": [sys.executable, "-c", "import braintumor; braintumor.load_model()"],
 }
 

@@ -156,14 +156,15 @@ def _private_graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 @contextmanager
-def live_server(app: object) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields its URL."""
+def live_server(app: object, **config: object) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``config``: more of ``uvicorn.Config``'s options) on a free
+    loopback port in a background thread; yields its URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -177,3 +178,25 @@ def live_server(app: object) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def local_client(app: object, **kwargs: object):
+    """A ``TestClient`` that addresses the service as ``localhost``: the service answers only the
+    host names it is told to (``serving.security``), and TestClient's own default is ``testserver``."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://localhost", **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained B0 saved at 32x32 input (seed 0): loading, predicting and evaluating in a blink."""
+    import torch
+
+    from braintumor.models.checkpoint import save_weights
+    from braintumor.models.registry import build_efficientnet_b0
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(build_efficientnet_b0().state_dict(), path, {"class_names": list(CLASSES), "image_size": 32})
+    return path

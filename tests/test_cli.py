@@ -8,27 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from braintumor.cli import app
-from braintumor.models.checkpoint import save_weights
-from braintumor.models.registry import build_efficientnet_b0
 
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained B0 saved at 32x32 input, so evaluation runs in a blink."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(
-        build_efficientnet_b0().state_dict(),
-        path,
-        {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32},
-    )
-    return path
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from braintumor.cli import app
@@ -18,7 +17,7 @@ from braintumor.inference.predict import Assessment, default_weights_path, load_
 from braintumor.models.checkpoint import load_weights, save_weights
 from braintumor.models.ood import OODGuard, split_guard
 from braintumor.serving.app import create_app
-from conftest import EXAMPLES
+from conftest import EXAMPLES, local_client
 
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
 
@@ -89,7 +88,7 @@ def test_the_flag_reaches_the_cli_table_csv_and_api(banded_weights: Path, tmp_pa
     assert "OUTSIDE THE VALIDATED RANGE" in result.output
     [row] = list(csv.DictReader(csv_file.open()))
     assert row["outside_validated_range"] == "true" and "feature distance" in row["outside_validated_range_reason"]
-    client = TestClient(create_app(load_model(banded_weights, device="cpu")))
+    client = local_client(create_app(load_model(banded_weights, device="cpu")))
     response = client.post("/v1/predict", files=[("files", (SCANS[0].name, SCANS[0].read_bytes(), "image/jpeg"))])
     [answer] = response.json()
     assert answer["outside_validated_range"] is True and "outside_validated_range_reason" in answer

@@ -133,6 +133,55 @@ def test_sizes_are_checked_before_anything_is_inflated(tmp_path: Path, monkeypat
         read_scan(wide)
 
 
+def _nifti_claiming(shape: tuple[int, ...], dtype: type, version: int = 1) -> bytes:
+    """A NIfTI header claiming ``shape`` of ``dtype`` over a few bytes of data."""
+    header = nib.Nifti2Header() if version == 2 else nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    return header.binaryblock + b"\0" * 4 + b"\0" * 1024
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "version", "reason"),
+    [((2, 2, 30_000_000), np.float32, 2, "30,000,000 slices or frames is over the limit of 1,024"),
+     ((1024, 1024, 120), np.float64, 1, "960 MiB of 64-bit pixel data is over the limit of 512 MiB")],
+)
+def test_a_volume_over_the_slice_or_byte_budget_is_refused_from_its_header(
+    shape: tuple[int, ...], dtype: type, version: int, reason: str, tmp_path: Path
+) -> None:
+    claimed = _nifti_claiming(shape, dtype, version)
+    (tmp_path / "claims.nii").write_bytes(claimed)
+    for source, name in ((claimed, "claims.nii"), (gzip.compress(claimed), "claims.nii.gz"),
+                         (tmp_path / "claims.nii", None)):
+        with pytest.raises(InvalidImageError, match=reason):
+            read_scan(source, name)
+
+
+def test_dicom_frames_over_the_budget_are_refused_from_the_header(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "frames.dcm", np.zeros((2, 16, 16), np.uint16))
+    dataset = pydicom.dcmread(path)
+    dataset.NumberOfFrames = 20_000  # 5 MB of real frames would do the same; the header decides first
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(InvalidImageError, match="20,000 slices or frames is over the limit"):
+        read_scan(path)
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.dcm"
+    with sparse.open("wb") as handle:
+        handle.truncate(1536 * 2**20)  # 1.5 GiB that takes no disk
+    with pytest.raises(InvalidImageError, match="a file of 1,536 MiB is over the limit of 1024 MiB"):
+        read_scan(sparse)
+
+
+def test_a_transfer_syntax_lie_is_named_as_such(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "lie.dcm", np.ones((64, 64), np.uint16))
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.2\x00", 1))  # says big endian
+    with pytest.raises(InvalidImageError, match="lie.dcm: .*Big Endian"):
+        read_scan(path)
+
+
 def test_uncompressed_dicom_decode_failures_name_the_true_reason(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "cut.dcm", np.ones((64, 64), np.uint16))
     path.write_bytes(path.read_bytes()[:-3000])

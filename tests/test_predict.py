@@ -11,28 +11,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.inference.predict import load_model
 from braintumor.inference.results import summarize_series
-from braintumor.models.checkpoint import save_weights
-from braintumor.models.registry import build_efficientnet_b0
 from conftest import write_dicom
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
 NAMES = ["glioma", "meningioma", "notumor", "pituitary"]
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(build_efficientnet_b0().state_dict(), path, {"class_names": NAMES, "image_size": 32})
-    return path
 
 
 @pytest.fixture

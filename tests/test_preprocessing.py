@@ -21,6 +21,7 @@ from braintumor.inference.predict import load_model
 from braintumor.models.checkpoint import save_weights
 from braintumor.models.registry import build_efficientnet_b0
 from braintumor.training.config import resolve_config
+from conftest import local_client
 
 
 def _heads(n: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -152,7 +153,6 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
     in_onnx = load_model(weights, backend="onnx").predict_pixels(pixels)
     assert np.abs(in_torch - in_onnx).max() <= 1e-4
     # The service reads the same metadata: uploaded PNGs of the same pixels give the same answer.
-    from fastapi.testclient import TestClient
     from PIL import Image
 
     from braintumor.serving.app import create_app
@@ -161,7 +161,7 @@ def test_torch_onnx_and_service_agree_with_smoothing_and_head_standardisation(tm
     for k, image in enumerate(pixels):
         Image.fromarray(image).save(tmp_path / f"{k}.png")
         uploads.append(("files", (f"{k}.png", (tmp_path / f"{k}.png").read_bytes(), "image/png")))
-    answers = TestClient(create_app(load_model(weights, device="cpu"))).post("/v1/predict", files=uploads).json()
+    answers = local_client(create_app(load_model(weights, device="cpu"))).post("/v1/predict", files=uploads).json()
     names = ("glioma", "meningioma", "notumor", "pituitary")
     served = np.array([[a["probabilities"][name] for name in names] for a in answers])
     assert np.abs(served - in_torch).max() <= 1e-4

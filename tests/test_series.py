@@ -18,7 +18,7 @@ from braintumor.data.series import plane_of, sequence_of, slice_normal
 from braintumor.inference.results import summarize_series
 from braintumor.pacs.report import SCHEME, VERDICT
 from braintumor.pacs.sample import write_series
-from conftest import EXAMPLES
+from conftest import EXAMPLES, local_client
 
 runner = CliRunner()
 # Two confident glioma slices between confident normal ones (shipped model; examples/scans/README.md).
@@ -197,12 +197,11 @@ def test_dicom_out_says_why_a_volume_gets_no_dicom_results(tmp_path: Path) -> No
 
 
 def test_the_service_judges_a_series_uploaded_as_separate_files(glioma_series: list[Path]) -> None:
-    from fastapi.testclient import TestClient
 
     from braintumor.inference.predict import load_model
     from braintumor.serving.app import create_app
 
-    with TestClient(create_app(load_model())) as client:
+    with local_client(create_app(load_model())) as client:
         uploads = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in reversed(glioma_series)]
         objects = client.post("/v1/predict", files=uploads).json()
     [series] = [o for o in objects if o.get("kind") == "series"]

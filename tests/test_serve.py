@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from braintumor.cli import app as cli_app
 from braintumor.inference.predict import Classifier, load_model
 from braintumor.serving.app import ServiceLimits, create_app
-from braintumor.serving.security import AccessPolicy
-from conftest import EXAMPLES, live_server, write_dicom
+from braintumor.serving.security import LOCAL_HOSTS, AccessPolicy, header_deadline_protocol
+from conftest import EXAMPLES, live_server, local_client, write_dicom
 
 LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4)
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
@@ -37,7 +37,7 @@ def classifier() -> Classifier:
 
 @pytest.fixture(scope="module")
 def client(classifier: Classifier) -> TestClient:
-    return TestClient(create_app(classifier, LIMITS))
+    return local_client(create_app(classifier, LIMITS))
 
 
 def _upload(path: Path, field: str = "files") -> tuple[str, tuple[str, bytes, str]]:
@@ -240,7 +240,7 @@ def test_a_failing_batch_is_a_json_500_and_the_server_goes_on(classifier: Classi
         raise RuntimeError("out of memory")
 
     broken.predict_slices = fail  # type: ignore[method-assign]
-    client = TestClient(create_app(broken, LIMITS), raise_server_exceptions=False)
+    client = local_client(create_app(broken, LIMITS), raise_server_exceptions=False)
     response = client.post("/v1/predict", files=[_upload(SCANS[0])])
     assert response.status_code == 500 and response.json() == {"error": "internal error (RuntimeError: out of memory)"}
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -258,7 +258,7 @@ def test_explanations_run_on_their_own_copy_of_the_network(classifier: Classifie
 
 
 def test_onnx_backend_serves_the_same_answers(client: TestClient, shipped_onnx: Path) -> None:
-    onnx_client = TestClient(create_app(load_model(shipped_onnx), LIMITS))
+    onnx_client = local_client(create_app(load_model(shipped_onnx), LIMITS))
     assert onnx_client.get("/v1/model").json()["backend"] == "onnx"
     files = [_upload(p) for p in SCANS[:4]]
     torch_answers = client.post("/v1/predict", files=files).json()
@@ -315,7 +315,7 @@ def test_explain_as_json_draws_no_figure(client: TestClient, monkeypatch: pytest
 
 def test_the_batcher_threads_end_with_the_service(classifier: Classifier) -> None:
     app = create_app(classifier, LIMITS)
-    with TestClient(app) as client:
+    with local_client(app) as client:
         assert client.post("/v1/predict", files=[_upload(SCANS[0])]).status_code == 200
         threads = list(app.state.batcher._threads)
         assert threads and all(t.is_alive() for t in threads)
@@ -329,7 +329,7 @@ def test_explain_takes_exactly_one_file(client: TestClient) -> None:
 
 def test_api_key_origin_policy_and_security_headers(classifier: Classifier) -> None:
     policy = AccessPolicy(api_key="s3cret", allowed_origins=("https://viewer.example",))
-    client = TestClient(create_app(classifier, LIMITS, policy=policy))
+    client = local_client(create_app(classifier, LIMITS, policy=policy))
     assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
     missing = client.get("/v1/model")
     assert missing.status_code == 401 and "API key" in missing.json()["error"]
@@ -341,11 +341,29 @@ def test_api_key_origin_policy_and_security_headers(classifier: Classifier) -> N
     assert foreign.status_code == 403 and "evil.example" in foreign.json()["error"]
     allowed = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "https://viewer.example"})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://viewer.example"
-    same = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "http://testserver"})
+    same = client.post("/v1/predict", files=[_upload(SCANS[0])], headers={**key, "Origin": "http://localhost"})
     assert same.status_code == 200
     page = client.get("/")
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff" and missing.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "status"),
+    [("localhost:8000", LOCAL_HOSTS, 200), ("127.0.0.1", LOCAL_HOSTS, 200), ("[::1]:8000", LOCAL_HOSTS, 200),
+     ("evil.example", LOCAL_HOSTS, 400), ("evil.example:8000", LOCAL_HOSTS, 400), ("", LOCAL_HOSTS, 400),
+     ("scans.hospital.org", ("*.hospital.org",), 200), ("hospital.org.evil", ("*.hospital.org",), 400),
+     ("anything", ("*",), 200)],
+)
+def test_only_allowed_host_names_are_answered(classifier: Classifier, host: str, allowed: tuple, status: int) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to this machine sends its own
+    Host and Origin; both match each other, so only the Host allow-list stops it."""
+    client = local_client(create_app(classifier, LIMITS, policy=AccessPolicy(allowed_hosts=allowed)))
+    origin = f"http://{host}" if host else ""
+    response = client.get("/v1/model", headers={"Host": host, "Origin": origin})
+    assert response.status_code == status
+    if status == 400:
+        assert "not one this service answers to" in response.json()["error"]
 
 
 def test_a_slow_body_is_cut_off_and_the_server_goes_on(classifier: Classifier) -> None:
@@ -357,7 +375,7 @@ def test_a_slow_body_is_cut_off_and_the_server_goes_on(classifier: Classifier) -
         address = urlparse(url)
         with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
             raw.sendall(
-                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 b"Content-Length: 5000\r\n\r\n--b\r\n"
             )
             received = b""  # waits for the server: no more body is sent; headers and body may come apart
@@ -366,6 +384,30 @@ def test_a_slow_body_is_cut_off_and_the_server_goes_on(classifier: Classifier) -
             answer = received.decode("latin-1")
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
         assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_idle_and_slow_header_connections_are_closed_at_the_deadline(classifier: Classifier) -> None:
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    with live_server(create_app(classifier, LIMITS), http=header_deadline_protocol(1.0)) as url:
+        address = urlparse(url)
+        with httpx.Client(base_url=url, timeout=10) as keeping:  # one kept-alive connection, two requests
+            assert keeping.get("/healthz").status_code == 200
+            time.sleep(0.6)
+            assert keeping.get("/healthz").status_code == 200
+        idle = socket.create_connection((address.hostname, address.port), timeout=10)
+        slow = socket.create_connection((address.hostname, address.port), timeout=10)
+        started = time.monotonic()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        time.sleep(0.6)
+        slow.sendall(b"s")  # a trickle does not move the deadline
+        assert idle.recv(100) == b"" and slow.recv(100) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        idle.close()
+        slow.close()
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
 def test_a_large_request_does_not_hold_back_a_small_one() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from braintumor.cli import app
@@ -15,9 +14,7 @@ from braintumor.errors import ConfigError
 from braintumor.evaluation.evaluate import evaluate_shifts
 from braintumor.evaluation.shifts import SHIFTS, apply_shift, resolve_shifts
 from braintumor.inference.predict import load_model
-from braintumor.models.checkpoint import save_weights
-from braintumor.models.registry import build_efficientnet_b0
-from conftest import CLASSES, synthetic_scan, write_tree
+from conftest import synthetic_scan, write_tree
 
 REQUIRED = {
     "histogram_swap", "gamma", "gain", "unsharp", "blur", "noise", "jpeg", "downup", "zoomout", "bias_field", "letters",
@@ -34,14 +31,6 @@ def scans() -> tuple[np.ndarray, np.ndarray]:
     images = np.where(images > 20, brighter, images).astype(np.uint8)
     return images, labels
 
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained B0 at 32x32 input: evaluation in a blink."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(build_efficientnet_b0().state_dict(), path, {"class_names": list(CLASSES), "image_size": 32})
-    return path
 
 
 def test_the_registry_has_every_required_shift_documented() -> None:

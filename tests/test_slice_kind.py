@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from braintumor.cli import app
@@ -29,7 +28,7 @@ from braintumor.models.slice_kind import (
     coverage_reason,
     fit_estimator,
 )
-from conftest import EXAMPLES
+from conftest import EXAMPLES, local_client
 
 NAMES = ["glioma", "meningioma", "notumor", "pituitary"]
 SCAN = EXAMPLES / "notumor" / "Te-no_0105.jpg"
@@ -142,7 +141,7 @@ def test_a_t2_slice_gets_the_coverage_reason_in_every_output(t2_weights: Path, t
     assert row["outside_validated_range"] == "true" and "T2 slice" in row["outside_validated_range_reason"]
     [answer] = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
     assert answer["slice_kind"]["sequence"] == "t2" and "T2 slice" in answer["outside_validated_range_reason"]
-    client = TestClient(__import__("braintumor.serving.app", fromlist=["create_app"]).create_app(
+    client = local_client(__import__("braintumor.serving.app", fromlist=["create_app"]).create_app(
         load_model(t2_weights, device="cpu")))
     [served] = client.post("/v1/predict", files=[("files", (SCAN.name, SCAN.read_bytes(), "image/jpeg"))]).json()
     assert served["slice_kind"] == answer["slice_kind"] and served["outside_validated_range"] is True

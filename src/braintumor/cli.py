@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, TextIO
 
 import typer
 
-from .errors import BraintumorError, one_line
+from .errors import BraintumorError, one_line, printable_name
 
 if TYPE_CHECKING:
     from .inference.predict import Classifier
@@ -50,6 +50,18 @@ def _setup_logging(verbose: bool = False) -> None:
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _require(extra: str, purpose: str, needed: bool = True) -> None:
+    """Stop with one line naming the extra to install when ``extra`` is ``needed`` and missing."""
+    from .extras import MissingExtraError, require
+
+    if not needed:
+        return
+    try:
+        require(extra, purpose)
+    except MissingExtraError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -260,6 +272,7 @@ def predict(
     from .inference.results import SeriesCollector
 
     _setup_logging()
+    _require("pacs", "--dicom-out", needed=dicom_out is not None)
     try:
         files = expand_inputs(paths)
         classifier = load_model(weights, device=device, tta=tta, backend=backend, amp=amp)
@@ -323,8 +336,8 @@ def _csv_row(result: Prediction, class_names: list[str]) -> list[str]:
     kind = result.slice_kind.as_dict() if result.slice_kind is not None else {}
     kind_cells = ["" if kind.get(name) is None else str(kind[name]) for name in KIND_COLUMNS[:-1]]
     reason = result.outside_validated_range_reason or ""
-    return [result.path, result.label or "", confidence, *probabilities, *flags, result.error or "", *kind_cells,
-            reason]
+    return [printable_name(result.path), result.label or "", confidence, *probabilities, *flags,
+            printable_name(result.error or ""), *kind_cells, reason]
 
 
 def _prediction_line(result: Prediction, class_names: list[str]) -> str:
@@ -336,7 +349,7 @@ def _prediction_line(result: Prediction, class_names: list[str]) -> str:
         flag += f"  NOT A BRAIN MRI SLICE: {result.not_brain_mri_reason}"
     if result.outside_validated_range_reason:
         flag += f"  OUTSIDE THE VALIDATED RANGE: {result.outside_validated_range_reason}"
-    return f"{result.label:<14}{result.confidence:>7.3f}  {row}  {result.path}{flag}"
+    return f"{result.label:<14}{result.confidence:>7.3f}  {row}  {printable_name(result.path)}{flag}"
 
 
 def _echo_series(series: SeriesCollector, json_output: bool, first: bool) -> None:
@@ -421,8 +434,13 @@ def explain(
                 typer.echo(f"error: {prediction.error}", err=True)
                 continue
             name = _png_name(prediction.path, used)
-            explanation.save_png(out / name)
-            typer.echo(f"{prediction.label:<14}{prediction.confidence:>7.3f}  {out / name}")
+            try:
+                explanation.save_png(out / name)
+            except OSError as exc:  # this file's figure is lost, not the batch's
+                failures += 1
+                typer.echo(f"error: {printable_name(str(out / name))}: cannot write ({exc.strerror or exc})", err=True)
+                continue
+            typer.echo(f"{prediction.label:<14}{prediction.confidence:>7.3f}  {printable_name(str(out / name))}")
     except BraintumorError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -619,12 +637,20 @@ def serve(
     allow_origin: list[str] = typer.Option(
         [], "--allow-origin", help="A web origin (https://host) whose pages may call the service; repeatable."
     ),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", help="A host name clients use to reach the service (Host header; *.example.org for "
+        "subdomains, * for any); repeatable. Default: localhost, 127.0.0.1, ::1 and --host.",
+    ),
     max_connections: int = typer.Option(64, min=1, help="Connections served at once; more get 503."),
+    header_timeout: float = typer.Option(
+        10.0, min=0.1, help="Seconds a connection may take to send a whole request head (idle ones included)."
+    ),
 ) -> None:
     """HTTP service and web page: /, /healthz, /openapi.json, /v1/model, /v1/predict, /v1/explain."""
+    _require("serve", "braintumor serve")
     from .inference.predict import load_model
     from .serving.app import ServiceLimits, create_app
-    from .serving.security import AccessPolicy
+    from .serving.security import LOCAL_HOSTS, AccessPolicy, header_deadline_protocol
 
     _setup_logging()
     _check_can_listen(host, port)  # before the model loads: a busy port should fail at once
@@ -637,13 +663,19 @@ def serve(
     limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files)
     typer.echo(f"serving {classifier.weights_path} ({classifier.backend}) on http://{host}:{port}/", err=True)
     try:
-        policy = AccessPolicy(api_key=api_key or None, allowed_origins=tuple(allow_origin))
+        hosts = tuple(allow_host) or (*LOCAL_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []))
+        typer.echo(f"answering requests addressed to: {', '.join(hosts)} (--allow-host)", err=True)
+        policy = AccessPolicy(api_key=api_key or None, allowed_origins=tuple(allow_origin), allowed_hosts=hosts)
         uvicorn.run(
             create_app(classifier, limits, workers, policy), host=host, port=port, log_level="info",
             limit_concurrency=max_connections, timeout_keep_alive=5, server_header=False,
+            http=header_deadline_protocol(header_timeout), timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         )
     except OSError as exc:  # uvicorn logs bind failures and exits; other socket errors land here
         _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc})")
+
+
+SHUTDOWN_SECONDS = 5  # after SIGINT/SIGTERM, requests still running get this long, then are cancelled
 
 
 @app.command("dicom-node")
@@ -667,6 +699,7 @@ def dicom_node(
     a Grad-CAM Secondary Capture. Stops on Ctrl-C or SIGTERM; a restart resumes its queue."""
     import signal
 
+    _require("pacs", "braintumor dicom-node")
     from .inference.predict import load_model
     from .pacs.destinations import check_ae_title, parse_destination
     from .pacs.node import DicomNode, NodeSettings
@@ -703,6 +736,14 @@ def export(
     out: Path = typer.Option(..., help="File to write (for example braintumor-b0.onnx)."),
     format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
     weights: Optional[Path] = typer.Option(None, help="Weights file to export (default: the shipped model)."),
+    int8: bool = typer.Option(
+        False, "--int8", help="int8 ONNX (static quantisation, needs --calibration): an option, slower and less "
+        "faithful than fp32 on the CPUs measured (README, Speed).",
+    ),
+    calibration: Optional[Path] = typer.Option(
+        None, help="Data root whose Training split calibrates --int8 (Kaggle layout)."
+    ),
+    calibration_count: int = typer.Option(256, min=16, help="Training slices that calibrate --int8."),
 ) -> None:
     """Export the model for deployment: ONNX with a dynamic batch, metadata and OOD guard inside."""
     from .inference.predict import default_weights_path
@@ -712,9 +753,19 @@ def export(
     _setup_logging()
     if format != "onnx":
         _fail(f"format {format!r} is not supported; the only format is onnx")
+    if int8 != (calibration is not None):
+        _fail("--int8 and --calibration go together: int8 is calibrated on training slices")
+    _require("export", "braintumor export")
     try:
         path = weights or default_weights_path()
-        written = export_onnx(load_torch_network(path, device="cpu"), out, source_of(path))
+        network = load_torch_network(path, device="cpu")
+        if int8:
+            from .models.quantize import quantize_int8, training_slices
+
+            pixels = training_slices(calibration, calibration_count, network.spec.image_size)
+            written = quantize_int8(network, pixels, out, source_of(path))
+        else:
+            written = export_onnx(network, out, source_of(path))
     except BraintumorError as exc:
         _fail(str(exc))
     typer.echo(
@@ -727,12 +778,21 @@ def _csv_flag(value: bool | None) -> str:
     return "" if value is None else str(value).lower()
 
 
+PNG_STEM_BYTES = 180  # a heat map's name stays well under the 255 bytes most file systems allow
+
+
 def _png_name(source: str, used: set[str]) -> str:
-    """A unique, safe PNG file name from an input name (``scan.dcm#frame=2`` -> ``scan.dcm_frame2.png``)."""
+    """A unique, safe PNG file name from an input name (``scan.dcm#frame=2`` -> ``scan.dcm_frame2.png``);
+    a long name keeps its first ``PNG_STEM_BYTES`` bytes and a hash of the whole name."""
+    import hashlib
+
     base = Path(source.split("#")[0]).name
     suffix = source.split("#")[1].replace("=", "") if "#" in source else ""
     raw = f"{base}_{suffix}" if suffix else base
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in raw) or "scan"
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in raw) or "scan"  # surrogates are not alnum
+    if len(stem.encode("utf-8")) > PNG_STEM_BYTES:
+        digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        stem = stem.encode("utf-8")[:PNG_STEM_BYTES].decode("utf-8", "ignore") + "-" + digest
     name, counter = f"{stem}.png", 1
     while name in used:
         counter += 1
@@ -742,5 +802,14 @@ def _png_name(source: str, used: set[str]) -> str:
 
 
 def main() -> None:
-    """Entry point of the ``braintumor`` console script."""
-    app()
+    """Entry point of the ``braintumor`` console script. A ``BraintumorError`` that a command did not
+    turn into its own message (an optional extra missing deep inside, say) still ends as one line.
+    Any text the terminal's encoding cannot hold (a file name that is not UTF-8) is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        app()
+    except BraintumorError as exc:
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
+        sys.exit(2)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
+import stat
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES
-from ..errors import InvalidImageError, UnsupportedFileType, one_line
+from ..errors import InvalidImageError, UnsupportedFileType, one_line, printable_name
 from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
-from .medical import dicom_frames, nifti_slices
+from .medical import MAX_FILE_BYTES, dicom_frames, nifti_slices
 from .series import DicomRef
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
@@ -60,8 +62,25 @@ def _has_dicom_magic(path: Path) -> bool:
         return False
 
 
+def special_kind(path: Path) -> str | None:
+    """What a path is when it is neither a regular file nor a folder (a FIFO, a device, a socket),
+    after links: reading one would block or never end, so it is never opened. None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), None)
+
+
 def _is_scan_file(path: Path) -> bool:
-    """Files a folder walk picks up: known extensions, or extensionless DICOM (as PACS exports)."""
+    """Files a folder walk picks up: known extensions, or extensionless DICOM (as PACS exports).
+    Special files are skipped with a warning line, never opened."""
+    special = special_kind(path)
+    if special is not None:
+        logging.getLogger(__name__).warning("%s: skipped, it is %s, not a file", printable_name(str(path)), special)
+        return False
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS or _is_nifti(path):
         return True
@@ -204,11 +223,17 @@ def _is_dicom_path(path: Path) -> bool:
 
 def _check_readable(path: Path) -> None:
     if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "no such file or not readable"
+        special = special_kind(path)
+        reason = ("is a folder" if path.is_dir() else f"is {special}, not a file: not read" if special
+                  else "no such file or not readable")
         raise InvalidImageError(f"{path}: {reason}")
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             raise InvalidImageError(f"{path}: file is empty")
+        if size > MAX_FILE_BYTES:
+            raise InvalidImageError(f"{path}: a file of {size / 2**20:,.0f} MiB is over the limit of "
+                                    f"{MAX_FILE_BYTES >> 20} MiB per input")
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot read file ({exc.strerror})") from None
 

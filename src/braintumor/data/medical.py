@@ -27,7 +27,10 @@ from .series import DicomRef, dicom_refs
 
 MAX_SLICE_PIXELS = MAX_IMAGE_PIXELS  # one slice or frame
 MAX_INPUT_VOXELS = 128 * 2**20  # all slices and frames of one input (512 x 512 x 512)
+MAX_INPUT_SLICES = 1024  # slices and frames of one input: each becomes a 224 x 224 slice to classify
+MAX_STORED_BYTES = 512 * 2**20  # all pixel data of one input at its stored precision (64-bit floats count 8)
 MAX_INFLATED_BYTES = 1 << 30  # what one compressed input may inflate to
+MAX_FILE_BYTES = 1 << 30  # one file on disk, checked before it is read
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 
 # pydicom logs a full traceback for every codec it lacks, and warns about every invalid header value
@@ -50,8 +53,14 @@ HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "CEREB")
 MIN_FIELD_OF_VIEW_MM = 100.0  # a whole adult brain slice needs about 150-250 mm
 
 
-def check_budget(label: str, slice_pixels: int, total: int) -> None:
-    """Refuse an input whose claimed size is over the budget, naming the limit."""
+def check_budget(label: str, slice_pixels: int, total: int, slices: int = 1, bytes_per_voxel: int = 1) -> None:
+    """Refuse an input whose claimed size is over the budget, naming the limit: ``slices`` slices or
+    frames of ``slice_pixels`` pixels, ``total`` pixels in all (samples included), each stored in
+    ``bytes_per_voxel`` bytes. Called with the header's figures, before any pixel is decoded."""
+    if slices > MAX_INPUT_SLICES:
+        raise InvalidImageError(
+            f"{label}: {slices:,} slices or frames is over the limit of {MAX_INPUT_SLICES:,} per input"
+        )
     if slice_pixels > MAX_SLICE_PIXELS:
         raise InvalidImageError(
             f"{label}: a slice of {slice_pixels:,} pixels is over the limit of {MAX_SLICE_PIXELS:,}"
@@ -59,6 +68,11 @@ def check_budget(label: str, slice_pixels: int, total: int) -> None:
     if total > MAX_INPUT_VOXELS:
         raise InvalidImageError(
             f"{label}: {total:,} pixels in all slices and frames is over the limit of {MAX_INPUT_VOXELS:,} per input"
+        )
+    if total * bytes_per_voxel > MAX_STORED_BYTES:
+        raise InvalidImageError(
+            f"{label}: {total * bytes_per_voxel / 2**20:,.0f} MiB of {8 * bytes_per_voxel}-bit pixel data is over "
+            f"the limit of {MAX_STORED_BYTES >> 20} MiB per input"
         )
 
 
@@ -139,6 +153,11 @@ def _header_int(dataset: Any, keyword: str, default: int, label: str) -> int:
 def _check_pixel_header(dataset: Any, label: str) -> int:
     """The frame count, once the header's image size is sane and within the budget."""
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and getattr(syntax, "is_little_endian", True) is False:
+            # Read as big endian, little-endian data parses as elements that never reach the pixels.
+            raise InvalidImageError(f"{label}: no pixel data found when read as its declared transfer syntax "
+                                    f"{syntax.name}; the file meta may name the wrong syntax")
         raise InvalidImageError(f"{label}: DICOM file has no pixel data")
     rows, columns = _header_int(dataset, "Rows", 0, label), _header_int(dataset, "Columns", 0, label)
     frames = _header_int(dataset, "NumberOfFrames", 1, label)
@@ -149,7 +168,7 @@ def _check_pixel_header(dataset: Any, label: str) -> int:
             raise InvalidImageError(f"{label}: DICOM header gives {name} = {value}")
     if bits not in (1, 8, 16, 32, 64):
         raise InvalidImageError(f"{label}: DICOM header gives BitsAllocated = {bits}")
-    check_budget(label, rows * columns, rows * columns * frames * max(samples, 1))
+    check_budget(label, rows * columns, rows * columns * frames * max(samples, 1), frames, max(bits // 8, 1))
     return frames
 
 
@@ -217,13 +236,40 @@ def dicom_frames(
 # ---------------------------------------------------------------- NIfTI
 
 
+NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")  # at byte 4 of a NIfTI-2 header (NIfTI-1 keeps its magic at 344)
+
+
+def _nifti_budget(shape: tuple[int, ...], bytes_per_voxel: int, label: str) -> tuple[int, ...]:
+    """The image's shape without unit axes, once it is 2-D or 3-D and within the budget. Slices are
+    cut along the canonical axial axis, which may be any stored one: the longest is counted."""
+    shape = tuple(int(n) for n in shape if int(n) != 1)
+    if len(shape) not in (2, 3):
+        raise InvalidImageError(f"{label}: NIfTI image has {len(shape)} dimensions; expected a 2-D slice or 3-D volume")
+    slices = max(shape) if len(shape) == 3 else 1
+    check_budget(label, shape[0] * shape[1], int(np.prod(shape)), slices, max(bytes_per_voxel, 1))
+    return shape
+
+
+def _check_nifti_bytes(head: bytes, label: str) -> type:
+    """The nibabel image class for NIfTI bytes whose first (inflated) bytes are ``head``, once
+    their header is within the budget: nothing past the header is inflated or read before."""
+    import nibabel as nib
+
+    nifti2 = head[4:8] in NIFTI2_MAGICS
+    header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(io.BytesIO(head))
+    _nifti_budget(header.get_data_shape(), header.get_data_dtype().itemsize, label)
+    return nib.Nifti2Image if nifti2 else nib.Nifti1Image
+
+
 def _nifti_image(source: Path | bytes, label: str) -> Any:
     import nibabel as nib
 
     try:
         if isinstance(source, bytes):
-            raw = inflate(source, label, 31) if source[:2] == b"\x1f\x8b" else source
-            return nib.Nifti1Image.from_bytes(raw)
+            packed = source[:2] == b"\x1f\x8b"
+            head = zlib.decompressobj(31).decompress(source[: 1 << 16], 544) if packed else source[:544]
+            image_class = _check_nifti_bytes(head, label)
+            return image_class.from_bytes(inflate(source, label, 31) if packed else source)
         return nib.load(str(source))
     except InvalidImageError:
         raise
@@ -237,10 +283,11 @@ def nifti_slices(source: Path | bytes, label: str) -> tuple[list[np.ndarray], bo
     import nibabel as nib
 
     image = _nifti_image(source, label)
-    shape = tuple(int(n) for n in image.shape if int(n) != 1)  # from the header: nothing read yet
-    if len(shape) not in (2, 3):
-        raise InvalidImageError(f"{label}: NIfTI image has {len(shape)} dimensions; expected a 2-D slice or 3-D volume")
-    check_budget(label, shape[0] * shape[1], int(np.prod(shape)))
+    try:
+        stored = image.get_data_dtype().itemsize
+    except (TypeError, ValueError, AttributeError):
+        stored = 8
+    _nifti_budget(image.shape, stored, label)  # from the header: no voxel read yet
     try:
         image = nib.as_closest_canonical(image) if len(image.shape) >= 3 else image
         data = np.squeeze(np.asarray(image.dataobj, dtype=np.float32))

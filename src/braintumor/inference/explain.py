@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.transforms import Preprocessing
-from ..errors import ConfigError
+from ..errors import ConfigError, printable_name
 
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "eigencam", "layercam")
 
@@ -129,7 +129,7 @@ def save_figure(
     right.set_title("heat map")
     for axis in (left, right):
         axis.axis("off")
-    fig.suptitle(f"{title}\n{_shortened(name)}  [{detail}]", fontsize=11)
+    fig.suptitle(f"{title}\n{_shortened(printable_name(name))}  [{detail}]", fontsize=11)
     fig.tight_layout()
     if isinstance(path, Path):
         path.parent.mkdir(parents=True, exist_ok=True)

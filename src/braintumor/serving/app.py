@@ -10,7 +10,8 @@ Endpoints (OpenAPI docs at ``/docs``):
   or with ``?format=json`` the prediction plus the scan and overlay as base64 PNGs;
 - ``GET /``: a self-contained page (no CDN, no web fonts) to drop scans on.
 
-Uploads are read in memory (never written to disk by this module) and decoded from their bytes,
+Uploads are decoded from their bytes (this module writes none; Starlette's multipart parser spools a
+file over 1 MiB to the temporary folder until its request ends: README, Serving),
 named by the client's file name. Model calls run in worker threads (never on the event loop):
 concurrent predictions are batched together (``batcher``), explanations run one at a time on
 their own copy of the network, because Grad-CAM hooks the network it runs on. Every failure is a

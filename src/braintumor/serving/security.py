@@ -4,18 +4,24 @@ policy, security headers on every answer, and a deadline for slow request bodies
 - API key (``AccessPolicy.api_key``, from ``--api-key`` or ``BRAINTUMOR_API_KEY``): every
   ``/v1/...`` request must carry it in ``X-API-Key`` or ``Authorization: Bearer``; compared in
   constant time. ``/``, ``/healthz`` and ``/openapi.json`` stay open (the page asks for the key).
+- Hosts: a request whose ``Host`` header names a host outside ``allowed_hosts`` (localhost by
+  default; ``--allow-host``) is refused with 400 before any work, so a DNS-rebinding page (a name
+  of the attacker's that resolves to this machine) cannot reach the service through the browser.
 - Origins: a request that says it comes from another web origin (an ``Origin`` header that is not
   this server's own and not in ``allowed_origins``) is refused with 403 before any work, so a page
   elsewhere cannot make a visitor's browser use the service. Allowed origins get CORS headers.
 - Headers: a Content-Security-Policy that lets the page load nothing from elsewhere and be framed
   by no one, ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``.
-- Slow clients: a body that does not arrive within ``body_timeout`` seconds is answered with 408.
-  Slow *headers* are the reverse proxy's job (README: "Behind a reverse proxy").
+- Slow clients: a body that does not arrive within ``body_timeout`` seconds is answered with 408;
+  a connection that has not sent a whole request head within ``header_deadline_protocol``'s
+  seconds of opening (or of its previous answer) is closed, so idle and slow-header connections
+  cannot hold the ``--max-connections`` places (uvicorn itself times out only idle keep-alive).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 OPEN_PATHS = frozenset({"/", "/healthz", "/openapi.json"})
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,24 @@ class AccessPolicy:
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
     body_timeout: float = 30.0
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS  # names or addresses; "*.example.org" for subdomains; "*": any
+
+
+def host_name(host_header: str) -> str:
+    """The host of a ``Host`` header, without its port and IPv6 brackets, lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``host`` (``host_name``'s result) matches a name of ``allowed``."""
+    for pattern in allowed:
+        pattern = pattern.lower().strip("[]")
+        if pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
 
 
 def _headers(scope: dict) -> dict[bytes, bytes]:
@@ -91,6 +116,9 @@ class AccessGuard:
         await self.app(scope, _deadline(receive, self.policy.body_timeout), _adding(send, extra))
 
     def _refusal(self, scope: dict, headers: dict[bytes, bytes], origin: str, allowed: bool) -> tuple[int, str] | None:
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if not host_allowed(host, self.policy.allowed_hosts):
+            return 400, f"the host name {host or '(none)'!r} is not one this service answers to (see --allow-host)"
         if origin and origin != _own_origin(scope, headers) and not allowed:
             return 403, f"requests from the web origin {origin} are not allowed (see --allow-origin)"
         key = self.policy.api_key
@@ -128,3 +156,53 @@ def _deadline(receive: Any, seconds: float) -> Any:
         return message
 
     return receiving
+
+
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 HTTP protocol with a deadline for each request head: ``uvicorn.run(...,
+    http=header_deadline_protocol(10))``. Trickling a byte now and then does not extend it."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _waiting_cycle: Any = None
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            """Start the clock for the next request head (the cycle now current is the last one)."""
+            self._disarm()
+            self._waiting_cycle = self.cycle
+            self._timer = self.loop.call_later(seconds, self._late)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._waiting_cycle:  # a whole request head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before the next pipelined request may start inside
+            super().on_response_complete()
+            if self.cycle is not self._waiting_cycle or self.transport.is_closing():
+                self._disarm()
+
+        def _late(self) -> None:
+            self._timer = None
+            if self.cycle is self._waiting_cycle and not self.transport.is_closing():
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
