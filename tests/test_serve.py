@@ -436,3 +436,46 @@ def test_a_large_request_does_not_hold_back_a_small_one() -> None:
     assert volume.result(10) == [f"vol#{k}" for k in range(64)]
     assert sum(len(b) for b in batches) == 65 and max(len(b) for b in batches) <= 8
     batcher.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_within_seconds_of_a_long_request(tmp_path: Path) -> None:
+    """A 1,000-slice volume is being classified when SIGTERM arrives: the request gets a JSON 503
+    within the shutdown deadline, the process exits within 5 s, and no traceback is logged."""
+    import signal
+    import subprocess
+    import sys
+
+    volume = (np.random.default_rng(0).random((64, 64, 1000)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "long.nii")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "braintumor", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        answers: list[httpx.Response] = []
+        upload = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{url}/v1/predict", files=[("files", ("long.nii", (tmp_path / "long.nii").read_bytes()))], timeout=60)))
+        upload.start()
+        time.sleep(2.0)  # reading and classifying
+        stopping = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+        took = time.monotonic() - stopping
+        upload.join(timeout=30)
+    finally:
+        server.kill()
+    assert took <= 5.0, output
+    assert answers and answers[0].status_code == 503 and "shutting down" in answers[0].json()["error"]
+    assert "Traceback" not in output

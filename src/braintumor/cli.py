@@ -641,7 +641,9 @@ def serve(
         [], "--allow-host", help="A host name clients use to reach the service (Host header; *.example.org for "
         "subdomains, * for any); repeatable. Default: localhost, 127.0.0.1, ::1 and --host.",
     ),
-    max_connections: int = typer.Option(64, min=1, help="Connections served at once; more get 503."),
+    max_connections: int = typer.Option(
+        256, min=1, help="Connections open at once, idle ones included (--header-timeout closes those); more get 503."
+    ),
     header_timeout: float = typer.Option(
         10.0, min=0.1, help="Seconds a connection may take to send a whole request head (idle ones included)."
     ),
@@ -675,7 +677,7 @@ def serve(
         _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc})")
 
 
-SHUTDOWN_SECONDS = 5  # after SIGINT/SIGTERM, requests still running get this long, then are cancelled
+SHUTDOWN_SECONDS = 3  # after SIGINT/SIGTERM, requests still running get this long, then are cancelled
 
 
 @app.command("dicom-node")

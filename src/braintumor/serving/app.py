@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import ctypes
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -103,6 +105,28 @@ class BodyLimit:
             return event
 
         await self.app(scope, counted, send)
+
+
+def give_back_memory() -> None:
+    """Return the heap pages freed by a finished request to the system (glibc's ``malloc_trim``; a
+    no-op elsewhere). A 1,000-slice volume left the process 330 MB above its idle size, 210 MB
+    after trimming (README, "Hostile and damaged files")."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class MemoryReturn:
+    """ASGI middleware: after each ``/v1/`` request, ``give_back_memory`` in a worker thread."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                await to_thread.run_sync(give_back_memory)
 
 
 MAX_NAME_CHARS = 255
@@ -215,6 +239,7 @@ def create_app(
     app.state.classifier, app.state.explainer = classifier, classifier.explaining_copy()
     app.state.batcher = batcher
     _add_error_handlers(app)
+    app.add_middleware(MemoryReturn)
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
     app.add_middleware(AccessGuard, policy=policy or AccessPolicy())
     _add_pages(app, model_info(classifier))

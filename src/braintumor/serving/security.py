@@ -113,7 +113,14 @@ class AccessGuard:
                          (b"access-control-allow-headers", b"x-api-key, authorization, content-type")]
             await JSONResponse({}, status_code=204)(scope, receive, _adding(send, extra + preflight))
             return
-        await self.app(scope, _deadline(receive, self.policy.body_timeout), _adding(send, extra))
+        try:
+            await self.app(scope, _deadline(receive, self.policy.body_timeout), _adding(send, extra))
+        except asyncio.CancelledError:
+            # Cancelled by a shutdown's deadline: one JSON answer (if none began) instead of a traceback
+            # in the server's log; the process is stopping, so the cancellation goes no further.
+            with contextlib.suppress(Exception):
+                answer = JSONResponse({"error": "the server is shutting down; send the request again"}, 503)
+                await answer(scope, receive, _adding(send, extra))
 
     def _refusal(self, scope: dict, headers: dict[bytes, bytes], origin: str, allowed: bool) -> tuple[int, str] | None:
         host = host_name(headers.get(b"host", b"").decode("latin-1"))
