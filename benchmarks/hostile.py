@@ -10,7 +10,11 @@ sizes; the 1,000-slice volume is real), then
   server's peak resident memory during the request above its level before it (VmHWM, reset per
   request), its resident memory after, status and the answer's first error; then the edges
   (DNS rebinding, 70 idle connections, SIGTERM during a long request).
-Prints one table per target with the CPU's model and flags. The DICOM node is not covered yet.
+- DICOM node: one ``braintumor dicom-node`` process (results sent nowhere), each DICOM input sent
+  by C-STORE in its own transfer syntax, plus a deflate bomb (1.5 GB of zeros, 1.5 MB deflated):
+  C-STORE status, seconds, the node's peak memory above its level before, and whether a normal
+  series sent after the bombs is classified; then SIGTERM.
+Prints one table per target with the CPU's model and flags.
 Targets (issue 22): a one-line reason or a result, <= 2 GB above idle, <= 30 s, back at idle after.
 """
 
@@ -211,6 +215,79 @@ def edges(url: str, port: int, server: subprocess.Popen, long_input: Path) -> li
     return rows
 
 
+def _c_store(port: int, path: Path) -> tuple[int | str, float]:
+    """(C-STORE status or why none, seconds) of one file sent to the node on ``port``."""
+    import pydicom
+    from pynetdicom import AE
+
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(header.file_meta.MediaStorageSOPClassUID, header.file_meta.TransferSyntaxUID)
+    started = time.perf_counter()
+    association = ae.associate("127.0.0.1", port, ae_title="BRAINTUMOR")
+    if not association.is_established:
+        return "no association", time.perf_counter() - started
+    try:
+        status = association.send_c_store(pydicom.dcmread(path))
+        return (f"0x{status.Status:04X}" if status else "no answer"), time.perf_counter() - started
+    finally:
+        association.release()
+
+
+def _deflate_bomb(path: Path) -> Path:
+    """1.5 GB of pixel zeros in a Deflated Explicit VR Little Endian file of about 1.5 MB."""
+    import pydicom
+
+    _dicom(path, 64, 64, 1)
+    dataset = pydicom.dcmread(path)
+    dataset.PixelData = bytes(1536 << 20)
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def node_rows(inputs: dict[str, Path], folder: Path) -> list[str]:
+    """The DICOM inputs sent to a node, then a normal series, then SIGTERM."""
+    from braintumor.pacs.sample import write_series
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = subprocess.Popen([BRAINTUMOR, "dicom-node", "--queue", str(folder / "queue"), "--port", str(port),
+                             "--send-to", "NOWHERE@127.0.0.1:9", "--quiet-seconds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (folder / "queue" / ".lock").exists():
+        time.sleep(0.3)
+    time.sleep(3)  # the model loads after the queue is locked
+    rows = []
+    # the lie's bytes cannot be re-encoded by a sender, and a sender would not send 1.5 GB of nothing
+    sent = {**{n: p for n, p in inputs.items() if p.suffix == ".dcm" and p.stat().st_size < 64 << 20
+               and "lie" not in n},
+            "deflate bomb (1.5 GB of zeros)": _deflate_bomb(folder / "bomb.dcm")}
+    for name, path in sent.items():
+        before = _status(node.pid, "VmRSS")
+        Path(f"/proc/{node.pid}/clear_refs").write_text("5")
+        status, seconds = _c_store(port, path)
+        rows.append(f"| {name} | {status} | {seconds:.1f} | {_status(node.pid, 'VmHWM') - before:.0f} |")
+    series = write_series(sorted((ROOT / "examples" / "scans").glob("*/*.jpg"))[:4], folder / "normal")
+    for path in series:
+        _c_store(port, path)
+    started = time.monotonic()
+    results = folder / "queue" / "outbox"
+    while time.monotonic() - started < 60 and not any(results.glob("*/*/summary.json")):
+        time.sleep(0.2)
+    classified = any(results.glob("*/*/summary.json"))
+    rows.append(f"| a normal 4-slice series after them | {'classified' if classified else 'NOT classified'} | "
+                f"{time.monotonic() - started:.1f} | |")
+    stopping = time.monotonic()
+    node.send_signal(signal.SIGTERM)
+    output, _ = node.communicate(timeout=60)
+    rows.append(f"| SIGTERM | exited | {time.monotonic() - stopping:.1f} | traceback: "
+                f"{'yes' if 'Traceback' in output else 'no'} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="Run only inputs whose name contains one of these words.")
@@ -245,6 +322,10 @@ def main() -> None:
         long_input = next(p for n, p in inputs.items() if "real" in n) if any("real" in n for n in inputs) \
             else _volume(Path(tmp) / "long")
         for row in edges(url, port, server, long_input):
+            print(row, flush=True)
+        print("\nDICOM node (C-STORE of each DICOM input; then a normal series)\n")
+        print("| input | status | seconds | peak above before, MiB |\n|---|---|---|---|")
+        for row in node_rows(inputs, Path(tmp)):
             print(row, flush=True)
 
 

@@ -375,3 +375,94 @@ def test_the_store_handler_answers_with_the_right_status(tmp_path: Path) -> None
     assert node._on_store(FakeEvent(ours)) == 0x0000 and len(list(node.queue.series_in("incoming"))) == 1
     node.settings = NodeSettings(tmp_path / "queue", min_free_bytes=1 << 62)  # more than any disk
     assert node._on_store(FakeEvent(dataset)) == 0xA700
+
+
+class RawEvent(FakeEvent):
+    """A C-STORE event whose dataset must not be decoded by pynetdicom (it would inflate it whole)."""
+
+    def __init__(self, encoded: bytes):
+        self.encoded = encoded
+        self.assoc = FakeEvent(None).assoc
+
+    @property
+    def dataset(self) -> Any:
+        raise AssertionError("the handler asked pynetdicom to decode the dataset")
+
+    def encoded_dataset(self) -> bytes:
+        return self.encoded
+
+
+def test_the_store_handler_reads_headers_within_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from braintumor.data import medical
+
+    node = _node(tmp_path, Recorder())
+    [path] = write_series(GLIOMA_SERIES[:1], tmp_path / "one")
+    assert node._on_store(RawEvent(path.read_bytes())) == 0x0000
+    monkeypatch.setattr(medical, "MAX_INFLATED_BYTES", 1 << 20)
+    bomb = pydicom.dcmread(path)
+    bomb.SeriesInstanceUID, bomb.PixelData = "1.2.3.5", bytes(8 << 20)  # 8 MiB of zeros, deflated to a few KiB
+    bomb.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    assert len(_bytes(bomb)) < 100_000 and node._on_store(RawEvent(_bytes(bomb))) == 0xC000
+    many = pydicom.dcmread(path)
+    many.SeriesInstanceUID, many.NumberOfFrames = "1.2.3.6", 20_000
+    assert node._on_store(RawEvent(_bytes(many))) == 0xC000
+    assert [p.name for p in node.queue.series_in("incoming")] == [pydicom.dcmread(path).SeriesInstanceUID]
+
+
+def test_a_series_over_the_instance_cap_is_refused_as_out_of_resources(tmp_path: Path) -> None:
+    node = _node(tmp_path, Recorder())
+    node.settings = NodeSettings(tmp_path / "queue", max_series_instances=2)
+    files = write_series(GLIOMA_SERIES[:3], tmp_path / "three")
+    answers = [node._on_store(RawEvent(p.read_bytes())) for p in files]
+    assert answers == [0x0000, 0x0000, 0xA700]
+    assert node._on_store(RawEvent(files[0].read_bytes())) == 0x0000  # the same instance again is no new one
+
+
+def test_a_queue_is_held_by_one_node(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from braintumor.cli import app
+    from braintumor.pacs.queue import QueueInUse
+
+    first = SeriesQueue(tmp_path / "queue")
+    first.lock()
+    with pytest.raises(QueueInUse, match=f"in use by another node \\(pid {os.getpid()}\\)"):
+        SeriesQueue(tmp_path / "queue").lock()
+    result = CliRunner().invoke(app, ["dicom-node", "--queue", str(tmp_path / "queue"), "--send-to",
+                                      "PACS@127.0.0.1:104", "--port", str(free_port())])
+    assert result.exit_code == 2 and "in use by another node" in result.stderr
+    first.unlock()
+    SeriesQueue(tmp_path / "queue").lock()
+
+
+class Stuck(Recorder):
+    """A destination that hangs on every send until released (a STOW-RS server that is down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.release = threading.Event()
+
+    def send(self, datasets: list[Any]) -> None:
+        self.release.wait(30)
+        super().send(datasets)
+
+
+def test_a_destination_that_hangs_delays_no_classification(tmp_path: Path) -> None:
+    stuck = Stuck()
+    settings = NodeSettings(tmp_path / "queue", port=free_port(), quiet_seconds=0.0, poll_seconds=0.1)
+    node = DicomNode(load_model(), stuck, settings)
+    node.start()
+    try:
+        _queue_files(node.queue, write_series(GLIOMA_SERIES[:2], tmp_path / "a", seed=1))
+        wait_for(lambda: len(list(node.queue.series_in("outbox"))) == 1, 30, "the first results")  # send hangs
+        _queue_files(node.queue, write_series(GLIOMA_SERIES[2:], tmp_path / "b", seed=2))
+        wait_for(lambda: len(list(node.queue.series_in("done"))) == 2, 30, "the second series, classified")
+        assert stuck.sent == []
+        stuck.release.set()
+        wait_for(lambda: not list(node.queue.series_in("outbox")), 30, "both results sent")
+    finally:
+        stuck.release.set()
+        node.stop()
+    assert len(stuck.sent) == 4  # an SR and a Secondary Capture per series

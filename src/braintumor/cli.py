@@ -714,7 +714,9 @@ def dicom_node(
     try:
         callers = tuple(check_ae_title(a, "--allow-ae") for a in allow_ae)
         destination = parse_destination(send_to, check_ae_title(ae_title, "--ae-title"))
-        SeriesQueue(queue)  # before the model loads: a queue that cannot be written should fail at once
+        probe = SeriesQueue(queue)  # before the model loads: a queue that cannot be written, or that
+        probe.lock()  # another node holds, should fail at once
+        probe.unlock()
     except OSError as exc:
         _fail(f"{queue}: cannot create the node's queue ({exc.strerror or exc})")
     except BraintumorError as exc:

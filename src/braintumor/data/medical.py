@@ -90,6 +90,22 @@ def inflate(data: bytes, label: str, wbits: int) -> bytes:
     return out
 
 
+def check_inflated_size(data: bytes, label: str, wbits: int, chunk: int = 16 << 20) -> None:
+    """Refuse compressed ``data`` that inflates past ``MAX_INFLATED_BYTES``, counting the output a
+    chunk at a time and keeping none of it: checking costs ``chunk`` bytes of memory, not the
+    inflated size."""
+    inflater, produced, pending = zlib.decompressobj(wbits), 0, data
+    try:
+        while pending and produced <= MAX_INFLATED_BYTES:
+            produced += len(inflater.decompress(pending, chunk))
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise InvalidImageError(f"{label}: damaged compressed data ({exc})") from None
+    if produced > MAX_INFLATED_BYTES:
+        limit = f"{MAX_INFLATED_BYTES >> 20} MiB" if MAX_INFLATED_BYTES >= 1 << 20 else f"{MAX_INFLATED_BYTES} bytes"
+        raise InvalidImageError(f"{label}: decompresses to more than the limit of {limit} per input")
+
+
 def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     if not high > low:
         return np.zeros(values.shape, dtype=np.uint8)
@@ -129,16 +145,16 @@ def _deflated_body(data: bytes) -> bytes | None:
     return data[body_start:] if DEFLATED_SYNTAX.encode() in data[132:body_start] else None
 
 
-def _read_dataset(source: Path | bytes, label: str) -> Any:
+def _read_dataset(source: Path | bytes, label: str, header_only: bool = False) -> Any:
     pydicom = _quiet_pydicom()
     from pydicom.errors import InvalidDicomError
 
     data = source if isinstance(source, bytes) else source.read_bytes()
     body = _deflated_body(data)
     if body is not None:
-        inflate(body, label, -15)  # bounded: refuses a deflate bomb before pydicom inflates it all
+        check_inflated_size(body, label, -15)  # refuses a deflate bomb before pydicom inflates it all
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=header_only)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, AttributeError, TypeError) as exc:
         raise InvalidImageError(f"{label}: not a readable DICOM file ({exc})") from None
 
@@ -150,6 +166,21 @@ def _header_int(dataset: Any, keyword: str, default: int, label: str) -> int:
         raise InvalidImageError(f"{label}: DICOM header has an invalid {keyword} ({dataset.get(keyword)!r})") from None
 
 
+def dicom_header(data: bytes, label: str) -> Any:
+    """The header of a DICOM instance (file-format bytes, as a DICOM node receives it), read within
+    the budget without decoding a pixel: a deflated body is inflated no further than
+    ``MAX_INFLATED_BYTES``, and a claimed image size (rows, columns, frames, bits) is checked as
+    for decoding.
+
+    Raises:
+        InvalidImageError: unreadable, a deflate bomb, or an image over the budget.
+    """
+    dataset = _read_dataset(data, label, header_only=True)
+    if "Rows" in dataset or "NumberOfFrames" in dataset:
+        _check_image_size(dataset, label)
+    return dataset
+
+
 def _check_pixel_header(dataset: Any, label: str) -> int:
     """The frame count, once the header's image size is sane and within the budget."""
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
@@ -159,6 +190,12 @@ def _check_pixel_header(dataset: Any, label: str) -> int:
             raise InvalidImageError(f"{label}: no pixel data found when read as its declared transfer syntax "
                                     f"{syntax.name}; the file meta may name the wrong syntax")
         raise InvalidImageError(f"{label}: DICOM file has no pixel data")
+    return _check_image_size(dataset, label)
+
+
+def _check_image_size(dataset: Any, label: str) -> int:
+    """The frame count, once the header's rows, columns, frames and bits are sane and the image
+    they claim is within the budget (``check_budget``)."""
     rows, columns = _header_int(dataset, "Rows", 0, label), _header_int(dataset, "Columns", 0, label)
     frames = _header_int(dataset, "NumberOfFrames", 1, label)
     samples = _header_int(dataset, "SamplesPerPixel", 1, label)

@@ -17,14 +17,16 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BraintumorError, one_line
+from ..data.medical import MAX_INPUT_SLICES, dicom_header
+from ..errors import BraintumorError, InvalidImageError, one_line
 from ..inference.predict import Classifier
 from .destinations import Destination, SendError
-from .queue import QueueError, SeriesQueue
+from .queue import QueueError, SeriesFull, SeriesQueue
 from .report import MANUFACTURER, SeriesReporter
 
 log = logging.getLogger("braintumor.dicom_node")
@@ -47,6 +49,7 @@ class NodeSettings:
     allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted (empty: any)
     poll_seconds: float = 0.5
     min_free_bytes: int = 1 << 30  # below this much free disk, instances are refused (out of resources)
+    max_series_instances: int = MAX_INPUT_SLICES  # instances of one series waiting; more are refused
 
 
 class SeriesFailed(BraintumorError):
@@ -64,7 +67,9 @@ class DicomNode:
         self.reporter = SeriesReporter(classifier)
         self._stop = threading.Event()
         self._server: Any = None
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._series_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._retry_at: dict[str, float] = {}  # outbox folder -> when to try sending it again
         self._listening_since = 0.0  # a series received before a restart waits a quiet period from here
 
@@ -75,6 +80,7 @@ class DicomNode:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
+        self.queue.lock()
         ae = AE(ae_title=self.settings.ae_title)
         ae.require_called_aet = True
         if self.settings.allowed_callers:
@@ -85,8 +91,10 @@ class DicomNode:
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False, evt_handlers=handlers)
         self.classifier.model  # noqa: B018 - load the Grad-CAM network now, not inside the first series
         self._listening_since = time.time()
-        self._worker = threading.Thread(target=self._work, name="dicom-node-worker", daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._work, name="dicom-node-worker", daemon=True),
+                         threading.Thread(target=self._send, name="dicom-node-sender", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         log.info("listening as %s on %s:%d; results go to %s", self.settings.ae_title, self.settings.host,
                  self.settings.port, self.destination)
 
@@ -94,13 +102,17 @@ class DicomNode:
         """Ask ``wait`` to return (safe from a signal handler)."""
         self._stop.set()
 
-    def stop(self) -> None:
-        """Stop listening, and let the worker finish the series it is on."""
+    def stop(self, seconds: float = 3.0) -> None:
+        """Stop listening, and give the worker and the sender ``seconds`` to finish what they are on.
+        Whatever is cut short is safe on disk: a series still in work is classified again at the
+        next start, and results not recorded as sent are sent again (same UIDs: a PACS keeps one)."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
-        if self._worker is not None:
-            self._worker.join()
+        deadline = time.monotonic() + seconds
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        self.queue.unlock()
 
     def wait(self) -> None:
         """Block until ``request_stop`` or ``stop`` is called (a signal handler, another thread)."""
@@ -108,11 +120,15 @@ class DicomNode:
             pass
 
     def _on_store(self, event: Any) -> int:
-        """Acknowledge an instance only once it is on disk; our own results are not queued again."""
+        """Acknowledge an instance only once it is on disk; our own results are not queued again.
+        The instance's header is read from the bytes as received, within the input budget
+        (``medical.dicom_header``): pynetdicom's own decoding would inflate a deflated dataset
+        without limit."""
+        encoded = event.encoded_dataset()
         try:
-            dataset = event.dataset
-        except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot decode
-            log.error("C-STORE from %s: cannot decode the dataset (%s)", _caller(event), exc)
+            dataset = dicom_header(encoded, f"C-STORE from {_caller(event)}")
+        except InvalidImageError as exc:
+            log.error("%s", exc)
             return CANNOT_UNDERSTAND
         if str(dataset.get("Manufacturer", "")) == MANUFACTURER:
             return 0x0000  # a result of ours, sent back to us by a routing rule: nothing to classify
@@ -122,7 +138,10 @@ class DicomNode:
             return OUT_OF_RESOURCES
         try:
             self.queue.store(dataset.get("StudyInstanceUID"), dataset.get("SeriesInstanceUID"),
-                             dataset.get("SOPInstanceUID"), event.encoded_dataset())
+                             dataset.get("SOPInstanceUID"), encoded, self.settings.max_series_instances)
+        except SeriesFull as exc:
+            log.error("C-STORE from %s refused: %s", _caller(event), exc)
+            return OUT_OF_RESOURCES
         except QueueError as exc:
             log.error("C-STORE from %s refused: %s", _caller(event), exc)
             return CANNOT_UNDERSTAND
@@ -139,19 +158,40 @@ class DicomNode:
         self.queue.clean_staging()
         for left in list(self.queue.series_in("work")):  # a crash in the middle of a series
             self._classify(self.queue.resume(left))
+        self._every_poll(self._classify_and_prune, "worker")
+
+    def _classify_and_prune(self) -> None:
+        self._classify_quiet(None)
+        self.queue.prune(self.settings.keep_seconds)
+
+    def _send(self) -> None:
+        """The sender thread: results go out on their own thread, so a destination that is down or
+        slow (a STOW-RS timeout) delays no series' classification."""
+        self._every_poll(lambda: self._send_waiting(None), "sender")
+
+    def _every_poll(self, task: Callable[[], None], name: str) -> None:
         while not self._stop.is_set():
             try:
-                self.run_once()
+                task()
             except Exception:  # noqa: BLE001 - the node must outlive any one failure
-                log.exception("the worker's pass failed; trying again")
+                log.exception("the %s's pass failed; trying again", name)
             self._stop.wait(self.settings.poll_seconds)
 
     def run_once(self, now: float | None = None) -> None:
-        """Classify every quiet series, send what waits to be sent, forget old done and failed series."""
-        for folder in self.queue.quiet(self.settings.quiet_seconds, now, self._listening_since):
-            self._classify(self.queue.take(folder))
+        """One pass of both threads' work in the caller's thread: classify every quiet series, send
+        what waits to be sent, forget old done and failed series."""
+        self._classify_quiet(now)
         self._send_waiting(now)
         self.queue.prune(self.settings.keep_seconds, now)
+
+    def _classify_quiet(self, now: float | None) -> None:
+        for folder in self.queue.quiet(self.settings.quiet_seconds, now, self._listening_since):
+            self._classify(self.queue.take(folder))
+
+    def _series_lock(self, series: str) -> threading.Lock:
+        """The lock that keeps the worker from replacing a series' results while they are sent."""
+        with self._locks_guard:
+            return self._series_locks.setdefault(series, threading.Lock())
 
     def _classify(self, work: Path) -> None:
         """One series: its results into the outbox and its images to done, or the series to failed
@@ -159,7 +199,8 @@ class DicomNode:
         started = time.perf_counter()
         try:
             files, summary, report = self._results(work)
-            self.queue.put_results(work, files, summary)
+            with self._series_lock(work.name):
+                self.queue.put_results(work, files, summary)
             self.queue.finish(work, report)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong with one series stays with it
             reason = str(exc) if isinstance(exc, BraintumorError) else f"{type(exc).__name__}: {exc}"
@@ -196,17 +237,23 @@ class DicomNode:
         for outbox in list(self.queue.series_in("outbox")):
             if now < self._retry_at.get(outbox.name, 0.0):
                 continue
-            try:
-                self.destination.send(_read_results(outbox))
-            except Exception as exc:  # noqa: BLE001 - SendError, or results damaged on disk
-                reason = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
-                log.error("results of series %s not sent, will try again in %.0f s: %s", outbox.name,
-                          self.settings.retry_seconds, reason)
-                self._retry_at[outbox.name] = now + self.settings.retry_seconds
-                continue
-            self._retry_at.pop(outbox.name, None)
-            line = self.queue.record_sent(outbox, str(self.destination))
-            log.info("results of series %s (%s) sent to %s", outbox.name, line["label"], self.destination)
+            with self._series_lock(outbox.name):
+                self._send_one(outbox, now)
+
+    def _send_one(self, outbox: Path, now: float) -> None:
+        if not outbox.is_dir():  # sent, or replaced, since the listing
+            return
+        try:
+            self.destination.send(_read_results(outbox))
+        except Exception as exc:  # noqa: BLE001 - SendError, or results damaged on disk
+            reason = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+            log.error("results of series %s not sent, will try again in %.0f s: %s", outbox.name,
+                      self.settings.retry_seconds, reason)
+            self._retry_at[outbox.name] = now + self.settings.retry_seconds
+            return
+        self._retry_at.pop(outbox.name, None)
+        line = self.queue.record_sent(outbox, str(self.destination))
+        log.info("results of series %s (%s) sent to %s", outbox.name, line["label"], self.destination)
 
 
 def _caller(event: Any) -> str:

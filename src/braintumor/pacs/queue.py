@@ -41,6 +41,14 @@ class QueueError(BraintumorError):
     """An instance the queue refuses (its UIDs could not name files safely)."""
 
 
+class SeriesFull(QueueError):
+    """An instance of a series that already has the most instances a series may have waiting."""
+
+
+class QueueInUse(BraintumorError):
+    """Another process holds the queue."""
+
+
 def check_uid(value: Any, name: str) -> str:
     """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
     text = str(value or "").strip()
@@ -73,19 +81,52 @@ class SeriesQueue:
 
     def __init__(self, root: Path):
         self.root = root
+        self._lock: int | None = None
         for stage in STAGES:
             (root / stage).mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> None:
+        """Hold the queue for this process until it exits (an advisory lock on ``.lock``): a second
+        node started on the same queue would take series from under the first.
+
+        Raises:
+            QueueInUse: another process holds it.
+        """
+        import fcntl
+
+        if self._lock is not None:
+            return
+        descriptor = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(descriptor)
+            raise QueueInUse(f"{self.root}: the queue is in use by another node (pid {holder})") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        self._lock = descriptor
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
     def series_dir(self, stage: str, study: str, series: str) -> Path:
         return self.root / stage / study / series
 
-    def store(self, study_uid: Any, series_uid: Any, sop_uid: Any, data: bytes) -> Path:
-        """Write one received instance (file-format bytes); returns its path once it is on disk."""
+    def store(self, study_uid: Any, series_uid: Any, sop_uid: Any, data: bytes, max_instances: int = 0) -> Path:
+        """Write one received instance (file-format bytes); returns its path once it is on disk.
+        With ``max_instances``, a new instance of a series that already has that many waiting is
+        refused (``SeriesFull``)."""
         study, series = check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID")
         sop = check_uid(sop_uid, "SOPInstanceUID")
         for _ in range(3):  # the worker may move the series folder away between mkdir and rename
             folder = self.series_dir("incoming", study, series)
             folder.mkdir(parents=True, exist_ok=True)
+            if max_instances and not (folder / f"{sop}.dcm").exists() and \
+                    sum(1 for _ in folder.glob("*.dcm")) >= max_instances:
+                raise SeriesFull(f"series {series} already has {max_instances} instances waiting")
             try:
                 _write_atomically(folder / f"{sop}.dcm", data)
                 os.utime(folder)  # the series' last arrival: its quiet period starts again
