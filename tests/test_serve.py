@@ -479,3 +479,20 @@ def test_sigterm_stops_the_server_within_seconds_of_a_long_request(tmp_path: Pat
     assert took <= 5.0, output
     assert answers and answers[0].status_code == 503 and "shutting down" in answers[0].json()["error"]
     assert "Traceback" not in output
+
+
+def test_the_service_has_onnx_runtime_give_its_memory_back_after_each_batch(shipped_onnx: Path) -> None:
+    classifier = load_model(shipped_onnx)
+    calls: list[object] = []
+    real_run = classifier.network.session.run
+
+    class Spy:
+        def run(self, names: list, feed: dict, options: object = None) -> list:
+            calls.append(options)
+            return real_run(names, feed, options)
+
+    classifier.network.session = Spy()
+    client = local_client(create_app(classifier, LIMITS))
+    assert classifier.network.release_after_call
+    assert client.post("/v1/predict", files=[_upload(p) for p in SCANS[:3]]).status_code == 200
+    assert calls and calls[-1] is classifier.network._releasing and all(c is None for c in calls[:-1])

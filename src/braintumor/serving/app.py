@@ -109,8 +109,8 @@ class BodyLimit:
 
 def give_back_memory() -> None:
     """Return the heap pages freed by a finished request to the system (glibc's ``malloc_trim``; a
-    no-op elsewhere). A 1,000-slice volume left the process 330 MB above its idle size, 210 MB
-    after trimming (README, "Hostile and damaged files")."""
+    no-op elsewhere): with ONNX Runtime's own memory given back, a 1,000-slice volume leaves the
+    process within a few MB of its size before (``python benchmarks/hostile.py``)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -212,8 +212,12 @@ def create_app(
     policy: AccessPolicy | None = None,
 ) -> FastAPI:
     """The service around an already loaded classifier (load once, serve many requests).
-    ``policy``: API key, allowed origins and body deadline (default: no key, same origin only)."""
+    ``policy``: API key, allowed origins and body deadline (default: no key, same origin only).
+    An ONNX Runtime network is switched to give its activation memory back after each batch
+    (``OnnxNetwork.release_after_call``), so a large request leaves the process at its idle size."""
     limits = limits or ServiceLimits()
+    if hasattr(classifier.network, "release_after_call"):  # ONNX Runtime: memory back after each batch
+        classifier.network.release_after_call = True
     batcher = PredictionBatcher(classifier, workers)
 
     @asynccontextmanager
