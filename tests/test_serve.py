@@ -438,6 +438,64 @@ def test_a_large_request_does_not_hold_back_a_small_one() -> None:
     batcher.stop()
 
 
+def test_a_cancelled_request_has_no_more_of_its_slices_run() -> None:
+    from braintumor.data.inputs import Slice
+    from braintumor.serving.batcher import PredictionBatcher
+
+    batches: list[int] = []
+    first = threading.Event()
+
+    class Spy:
+        def predict_slices(self, slices: list, batch_size: int = 64) -> list:
+            batches.append(len(slices))
+            first.set()
+            time.sleep(0.05)
+            return [s.source for s in slices]
+
+    batcher = PredictionBatcher(Spy(), workers=1, max_batch=8)  # type: ignore[arg-type]
+    pixels = np.zeros((4, 4), np.uint8)
+    volume = batcher.submit([Slice(f"vol#{k}", pixels, "vol") for k in range(400)])
+    first.wait(5)
+    assert volume.cancel()
+    time.sleep(0.3)
+    assert len(batches) <= 3  # the batch running when it was cancelled, not the other 47
+    assert batcher.submit([Slice("scan", pixels, "scan")]).result(5) == ["scan"]
+    batcher.stop()
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_stops_its_work(classifier: Classifier, tmp_path: Path) -> None:
+    volume = (np.random.default_rng(0).random((64, 64, 600)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "long.nii")
+    body = (tmp_path / "long.nii").read_bytes()
+    served = copy.copy(classifier)
+    calls: list[int] = []
+
+    def counting(slices: list, batch_size: int = 64) -> list:
+        calls.append(len(slices))
+        return classifier.predict_slices(slices, batch_size)
+
+    served.predict_slices = counting  # type: ignore[method-assign]
+    with live_server(create_app(served, ServiceLimits(max_file_bytes=8 << 20))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"long.nii\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        payload = head + body + f"\r\n--{boundary}--\r\n".encode()
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                        f"boundary={boundary}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            deadline = time.monotonic() + 30
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # the client has gone; its 19 batches of 32 stop within a check or two
+        time.sleep(2.0)
+        settled = len(calls)
+        time.sleep(2.0)
+        assert len(calls) == settled and sum(calls) < 600
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
 @pytest.mark.slow
 def test_sigterm_stops_the_server_within_seconds_of_a_long_request(tmp_path: Path) -> None:
     """A 1,000-slice volume is being classified when SIGTERM arrives: the request gets a JSON 503

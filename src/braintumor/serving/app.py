@@ -293,7 +293,9 @@ def _add_pages(app: FastAPI, info: dict[str, Any]) -> None:
 
 def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits, limiter: CapacityLimiter) -> None:
     @app.post("/v1/predict")
-    async def predict(files: list[UploadFile] = File(..., description="One or more scans.")) -> JSONResponse:
+    async def predict(
+        request: Request, files: list[UploadFile] = File(..., description="One or more scans.")
+    ) -> JSONResponse:
         """Classify each uploaded scan; the same JSON objects as ``braintumor predict --json``."""
         if len(files) > limits.max_files:
             raise ServiceError(413, f"{len(files)} files in one request; the limit is {limits.max_files}")
@@ -302,7 +304,8 @@ def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits
         readable = [o for o in outcomes if not isinstance(o, ServiceError)]
         if not readable:
             raise outcomes[0]  # nothing to classify: the first file's reason and status
-        predictions = iter(await asyncio.wrap_future(batcher.submit([s for slices in readable for s in slices])))
+        submitted = batcher.submit([s for slices in readable for s in slices])
+        predictions = iter(await _while_connected(request, asyncio.wrap_future(submitted)))
         results: list[Prediction] = []
         for (shown, _), outcome in zip(uploads, outcomes, strict=True):
             if isinstance(outcome, ServiceError):
@@ -310,6 +313,21 @@ def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits
             else:
                 results.extend(next(predictions) for _ in outcome)
         return JSONResponse(prediction_objects(results))
+
+
+CLIENT_CHECK_SECONDS = 0.5
+
+
+async def _while_connected(request: Request, work: asyncio.Future) -> Any:
+    """``work``'s result; cancelled (which stops a batcher job's remaining slices) as soon as the
+    client has gone away, checked every ``CLIENT_CHECK_SECONDS``."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=CLIENT_CHECK_SECONDS)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            raise ServiceError(499, "the client went away before its answer was ready")
 
 
 def _add_explain(app: FastAPI, explainer: Classifier, limits: ServiceLimits) -> None:

@@ -7,7 +7,8 @@ which costs less per image than one pass per request (about 1.5x on a CPU); and 
 (a whole volume) is served a batch at a time beside the others, so a one-scan request that
 arrives behind it waits one batch, not the whole volume. Threads, not event-loop tasks, so it
 serves any event loop; they start with the first request (or ``start``) and end with ``stop``
-(the service's lifespan).
+(the service's lifespan). A request whose future is cancelled (its client went away, the server is
+stopping) has no more of its slices run.
 """
 
 from __future__ import annotations
@@ -96,16 +97,22 @@ class PredictionBatcher:
                     if room == 0:
                         break
                     job = self._jobs.popleft()
+                    if job.future.cancelled():
+                        continue  # nobody waits for the rest of it
                     count = min(share, room, len(job.slices) - job.taken)
                     parts.setdefault(id(job), [job, job.taken, job.taken])[2] += count
                     job.taken += count
                     room -= count
                     if job.taken < len(job.slices):
                         self._jobs.append(job)  # the rest waits its turn behind the others
+            if not parts:
+                return []  # every waiting job was cancelled
             return [(job, start, stop) for job, start, stop in parts.values()]
 
     def _serve(self) -> None:
         while (parts := self._take()) is not None:
+            if not parts:
+                continue
             batch = [s for job, start, stop in parts for s in job.slices[start:stop]]
             try:
                 results = self.classifier.predict_slices(batch, self.max_batch)
