@@ -410,55 +410,54 @@ def test_idle_and_slow_header_connections_are_closed_at_the_deadline(classifier:
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
+class SlowSpy:
+    """A classifier stand-in for the batcher: records each batch's sources, takes 50 ms a batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+
+    def predict_slices(self, slices: list, batch_size: int = 64) -> list:
+        self.batches.append([s.source for s in slices])
+        self.started.set()
+        time.sleep(0.05)
+        return [s.source for s in slices]
+
+
+def _spied_volume(count: int) -> tuple:
+    """(spy, a batcher of 8-slice batches around it, the future of a ``count``-slice volume, pixels)."""
+    from braintumor.data.inputs import Slice
+    from braintumor.serving.batcher import PredictionBatcher
+
+    spy = SlowSpy()
+    batcher = PredictionBatcher(spy, workers=1, max_batch=8)  # type: ignore[arg-type]
+    pixels = np.zeros((4, 4), np.uint8)
+    volume = batcher.submit([Slice(f"vol#{k}", pixels, "vol") for k in range(count)])
+    spy.started.wait(5)
+    return spy, batcher, volume, pixels
+
+
 def test_a_large_request_does_not_hold_back_a_small_one() -> None:
     """A whole volume is served a batch at a time beside other requests: a one-scan request that
     arrives behind it goes into the next batch, not after the volume."""
     from braintumor.data.inputs import Slice
-    from braintumor.serving.batcher import PredictionBatcher
 
-    batches: list[list[str]] = []
-    started = threading.Event()
-
-    class Spy:
-        def predict_slices(self, slices: list, batch_size: int = 64) -> list:
-            batches.append([s.source for s in slices])
-            started.set()
-            time.sleep(0.05)
-            return [s.source for s in slices]
-
-    batcher = PredictionBatcher(Spy(), workers=1, max_batch=8)  # type: ignore[arg-type]
-    pixels = np.zeros((4, 4), np.uint8)
-    volume = batcher.submit([Slice(f"vol#{k}", pixels, "vol") for k in range(64)])
-    started.wait(5)
+    spy, batcher, volume, pixels = _spied_volume(64)
     scan = batcher.submit([Slice("scan", pixels, "scan")])
     assert scan.result(5) == ["scan"] and not volume.done()
-    assert any("scan" in batch for batch in batches[1:3])
+    assert any("scan" in batch for batch in spy.batches[1:3])
     assert volume.result(10) == [f"vol#{k}" for k in range(64)]
-    assert sum(len(b) for b in batches) == 65 and max(len(b) for b in batches) <= 8
+    assert sum(len(b) for b in spy.batches) == 65 and max(len(b) for b in spy.batches) <= 8
     batcher.stop()
 
 
 def test_a_cancelled_request_has_no_more_of_its_slices_run() -> None:
     from braintumor.data.inputs import Slice
-    from braintumor.serving.batcher import PredictionBatcher
 
-    batches: list[int] = []
-    first = threading.Event()
-
-    class Spy:
-        def predict_slices(self, slices: list, batch_size: int = 64) -> list:
-            batches.append(len(slices))
-            first.set()
-            time.sleep(0.05)
-            return [s.source for s in slices]
-
-    batcher = PredictionBatcher(Spy(), workers=1, max_batch=8)  # type: ignore[arg-type]
-    pixels = np.zeros((4, 4), np.uint8)
-    volume = batcher.submit([Slice(f"vol#{k}", pixels, "vol") for k in range(400)])
-    first.wait(5)
+    spy, batcher, volume, pixels = _spied_volume(400)
     assert volume.cancel()
     time.sleep(0.3)
-    assert len(batches) <= 3  # the batch running when it was cancelled, not the other 47
+    assert len(spy.batches) <= 3  # the batch running when it was cancelled, not the other 47
     assert batcher.submit([Slice("scan", pixels, "scan")]).result(5) == ["scan"]
     batcher.stop()
 
