@@ -462,6 +462,25 @@ def test_a_cancelled_request_has_no_more_of_its_slices_run() -> None:
     batcher.stop()
 
 
+def test_a_request_over_its_work_deadline_is_answered_503_and_stopped(classifier: Classifier) -> None:
+    served = copy.copy(classifier)
+    calls: list[int] = []
+
+    def slow(slices: list, batch_size: int = 64) -> list:
+        calls.append(len(slices))
+        time.sleep(0.4)
+        return classifier.predict_slices(slices, batch_size)
+
+    served.predict_slices = slow  # type: ignore[method-assign]
+    client = local_client(create_app(served, ServiceLimits(work_seconds=0.5)))
+    volume = (np.random.default_rng(0).random((32, 32, 200)) * 1000).astype(np.int16)
+    buffer = io.BytesIO(nib.Nifti1Image(volume, np.eye(4)).to_bytes())
+    response = client.post("/v1/predict", files=[("files", ("vol.nii", buffer.getvalue()))])
+    assert response.status_code == 503 and "longer than 0.5 s" in response.json()["error"]
+    time.sleep(1.0)
+    assert sum(calls) < 200  # the rest of the volume was not classified
+
+
 @pytest.mark.slow
 def test_a_client_that_goes_away_stops_its_work(classifier: Classifier, tmp_path: Path) -> None:
     volume = (np.random.default_rng(0).random((64, 64, 600)) * 1000).astype(np.int16)

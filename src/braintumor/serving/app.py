@@ -60,6 +60,7 @@ class ServiceLimits:
 
     max_file_bytes: int = 32 * 2**20
     max_files: int = 16
+    work_seconds: float = 300.0  # a request's classification is given up (503) after this long
 
     @property
     def max_request_bytes(self) -> int:
@@ -305,7 +306,7 @@ def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits
         if not readable:
             raise outcomes[0]  # nothing to classify: the first file's reason and status
         submitted = batcher.submit([s for slices in readable for s in slices])
-        predictions = iter(await _while_connected(request, asyncio.wrap_future(submitted)))
+        predictions = iter(await _while_connected(request, asyncio.wrap_future(submitted), limits.work_seconds))
         results: list[Prediction] = []
         for (shown, _), outcome in zip(uploads, outcomes, strict=True):
             if isinstance(outcome, ServiceError):
@@ -318,9 +319,10 @@ def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits
 CLIENT_CHECK_SECONDS = 0.5
 
 
-async def _while_connected(request: Request, work: asyncio.Future) -> Any:
+async def _while_connected(request: Request, work: asyncio.Future, seconds: float) -> Any:
     """``work``'s result; cancelled (which stops a batcher job's remaining slices) as soon as the
-    client has gone away, checked every ``CLIENT_CHECK_SECONDS``."""
+    client has gone away, checked every ``CLIENT_CHECK_SECONDS``, or once it has run ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
     while True:
         done, _ = await asyncio.wait({work}, timeout=CLIENT_CHECK_SECONDS)
         if done:
@@ -328,6 +330,9 @@ async def _while_connected(request: Request, work: asyncio.Future) -> Any:
         if await request.is_disconnected():
             work.cancel()
             raise ServiceError(499, "the client went away before its answer was ready")
+        if asyncio.get_running_loop().time() > deadline:
+            work.cancel()
+            raise ServiceError(503, f"classifying this request took longer than {seconds:g} s; send fewer scans")
 
 
 def _add_explain(app: FastAPI, explainer: Classifier, limits: ServiceLimits) -> None:
