@@ -6,6 +6,8 @@ command (the figures behind benchmarks/ANALYSIS.md's first section):
 - the network alone: ONNX Runtime images/s on 256 decoded Testing slices at batch 32 (no file
   decoding): the ceiling of any predict path in fp32 on this CPU;
 - decoding and resizing one Testing JPEG: milliseconds per image, one thread;
+- ONNX Runtime at 8 and 32 images per session run (images/s, how much the process grew) and the
+  share of its kernel time per operator type;
 - ``braintumor predict Testing --csv`` as a whole command at batch 32 and 16: seconds and peak
   resident memory, in a fresh process;
 - the service: latency of one-scan ``/v1/predict`` requests sent while a 200-slice NIfTI volume
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from run import peak_memory_of_predict  # benchmarks/ is the script's own folder
+from startup import cpu
 
 from braintumor.data.datasets import load_split
 from braintumor.data.imaging import decode_image_and_colour, resize_grey
@@ -43,6 +46,54 @@ def network_alone(paths: list[Path]) -> tuple[float, float]:
     started = time.perf_counter()
     network.logits_and_features(batch, 32)
     return len(paths) / (time.perf_counter() - started), decode_ms
+
+
+def run_batches(pixels: np.ndarray) -> list[tuple[int, float, float]]:
+    """(images per session run, images/s, MB the process grew) of the shipped graph on decoded
+    pixels, each in a fresh session: why ``onnx_backend.RUN_BATCH`` is 8."""
+    import re
+
+    import onnxruntime as ort
+
+    def resident_mb() -> float:
+        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    rows = []
+    for run in (8, 32):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(ROOT / "src/braintumor/weights/braintumor-b0.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {"pixels": pixels[:1]})
+        before, started = resident_mb(), time.perf_counter()
+        for start in range(0, len(pixels), run):
+            session.run(None, {"pixels": pixels[start : start + run]})
+        rows.append((run, len(pixels) / (time.perf_counter() - started), resident_mb() - before))
+    return rows
+
+
+def operator_shares(pixels: np.ndarray) -> dict[str, float]:
+    """Share of ONNX Runtime's kernel time per operator type over a few runs of 8 decoded scans."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level, options.enable_profiling = 3, True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(ROOT / "src/braintumor/weights/braintumor-b0.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(4):
+            session.run(None, {"pixels": pixels[:8]})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    times: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+    total = sum(times.values())
+    return {name: value / total for name, value in times.most_common(5)}
 
 
 def fair_batching(scan: Path) -> tuple[float, list[float]]:
@@ -92,10 +143,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.data is None or not Path(args.data).is_dir():
         parser.error("--data (or BRAINTUMOR_DATA) must point at the Kaggle data root")
+    print(f"CPU: {cpu()}")
     paths = [s.path for s in load_split(args.data, "Testing")]
     rate, decode_ms = network_alone(paths[:256])
     print(f"network alone (ONNX Runtime, batch 32, decoded pixels): {rate:.1f} images/s")
     print(f"decode and resize one Testing JPEG: {decode_ms:.2f} ms (one thread)")
+    pixels = np.stack([resize_grey(decode_image_and_colour(p)[0], 224) for p in paths[:256]])
+    for run, images_per_second, grew in run_batches(pixels):
+        print(f"ONNX Runtime, {run} images per run: {images_per_second:.1f} images/s, the process grew {grew:.0f} MB")
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in operator_shares(pixels).items())
+    print(f"ONNX Runtime kernel time by operator: {shares}")
     testing = Path(args.data) / "Testing"
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (32, 16):

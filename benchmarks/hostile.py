@@ -21,6 +21,7 @@ Targets (issue 22): a one-line reason or a result, <= 2 GB above idle, <= 30 s, 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
 import signal
@@ -144,13 +145,28 @@ def cli_run(path: Path) -> tuple[float, float, int, str]:
     return seconds, peak, code, first[:110]
 
 
+CHILDREN: list[subprocess.Popen] = []  # the server and node started here: killed at exit, whatever happened
+
+
+def _spawn(command: list[str]) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    CHILDREN.append(process)
+    return process
+
+
+@atexit.register
+def _kill_children() -> None:
+    for process in CHILDREN:
+        if process.poll() is None:
+            process.kill()
+
+
 def _status(pid: int, field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
 def start_server(port: int) -> subprocess.Popen:
-    server = subprocess.Popen([BRAINTUMOR, "serve", "--port", str(port), "--max-file-mb", "64"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = _spawn([BRAINTUMOR, "serve", "--port", str(port), "--max-file-mb", "64"])
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -265,9 +281,8 @@ def node_rows(inputs: dict[str, Path], folder: Path) -> list[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    node = subprocess.Popen([BRAINTUMOR, "dicom-node", "--queue", str(folder / "queue"), "--port", str(port),
-                             "--send-to", "NOWHERE@127.0.0.1:9", "--quiet-seconds", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = _spawn([BRAINTUMOR, "dicom-node", "--queue", str(folder / "queue"), "--port", str(port),
+                   "--send-to", "NOWHERE@127.0.0.1:9", "--quiet-seconds", "1"])
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (folder / "queue" / ".lock").exists():
         time.sleep(0.3)

@@ -85,9 +85,13 @@ def inflate(data: bytes, label: str, wbits: int) -> bytes:
     except zlib.error as exc:
         raise InvalidImageError(f"{label}: damaged compressed data ({exc})") from None
     if len(out) > MAX_INFLATED_BYTES or inflater.unconsumed_tail:
-        limit = f"{MAX_INFLATED_BYTES >> 20} MiB" if MAX_INFLATED_BYTES >= 1 << 20 else f"{MAX_INFLATED_BYTES} bytes"
-        raise InvalidImageError(f"{label}: decompresses to more than the limit of {limit} per input")
+        raise _over_inflation_limit(label)
     return out
+
+
+def _over_inflation_limit(label: str) -> InvalidImageError:
+    limit = f"{MAX_INFLATED_BYTES >> 20} MiB" if MAX_INFLATED_BYTES >= 1 << 20 else f"{MAX_INFLATED_BYTES} bytes"
+    return InvalidImageError(f"{label}: decompresses to more than the limit of {limit} per input")
 
 
 def check_inflated_size(data: bytes, label: str, wbits: int, chunk: int = 16 << 20) -> None:
@@ -102,8 +106,7 @@ def check_inflated_size(data: bytes, label: str, wbits: int, chunk: int = 16 << 
     except zlib.error as exc:
         raise InvalidImageError(f"{label}: damaged compressed data ({exc})") from None
     if produced > MAX_INFLATED_BYTES:
-        limit = f"{MAX_INFLATED_BYTES >> 20} MiB" if MAX_INFLATED_BYTES >= 1 << 20 else f"{MAX_INFLATED_BYTES} bytes"
-        raise InvalidImageError(f"{label}: decompresses to more than the limit of {limit} per input")
+        raise _over_inflation_limit(label)
 
 
 def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -276,15 +279,14 @@ def dicom_frames(
 NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")  # at byte 4 of a NIfTI-2 header (NIfTI-1 keeps its magic at 344)
 
 
-def _nifti_budget(shape: tuple[int, ...], bytes_per_voxel: int, label: str) -> tuple[int, ...]:
-    """The image's shape without unit axes, once it is 2-D or 3-D and within the budget. Slices are
+def _nifti_budget(shape: tuple[int, ...], bytes_per_voxel: int, label: str) -> None:
+    """Refuse an image that is not 2-D or 3-D (unit axes aside) or is over the budget. Slices are
     cut along the canonical axial axis, which may be any stored one: the longest is counted."""
     shape = tuple(int(n) for n in shape if int(n) != 1)
     if len(shape) not in (2, 3):
         raise InvalidImageError(f"{label}: NIfTI image has {len(shape)} dimensions; expected a 2-D slice or 3-D volume")
     slices = max(shape) if len(shape) == 3 else 1
     check_budget(label, shape[0] * shape[1], int(np.prod(shape)), slices, max(bytes_per_voxel, 1))
-    return shape
 
 
 def _check_nifti_bytes(head: bytes, label: str) -> type:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..data.transforms import Preprocessing
 from ..errors import CheckpointError, ConfigError
-from ..extras import MissingExtraError
+from ..extras import MissingExtraError, require
 from .onnx_backend import OnnxNetwork, check_parity, export_model_proto, save_proto, source_of
 from .registry import fold_batch_norm, load_weights_file
 from .runtime import Runtime, select_runtime
@@ -133,6 +133,8 @@ def graph_for_weights(weights: Path) -> OnnxNetwork:
 
     Raises:
         CheckpointError: the weights cannot be loaded, or the exported graph disagrees with PyTorch.
+        MissingExtraError: an export is needed and the ``export`` extra is not installed (said
+            before the torch network is loaded, so a fallback to it loads it once).
     """
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found")
@@ -146,6 +148,7 @@ def graph_for_weights(weights: Path) -> OnnxNetwork:
                 continue  # a damaged cache entry is replaced below
             if network.exported_from == source:
                 return network
+    require("export", "exporting these weights to ONNX")
     reference = load_torch_network(weights, device="cpu")
     proto = export_model_proto(reference, source)
     network = OnnxNetwork(proto.SerializeToString(), str(weights))

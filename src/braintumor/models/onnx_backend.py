@@ -180,9 +180,9 @@ def check_parity(reference: TorchNetwork, network: OnnxNetwork, name: str) -> No
         )
 
 
-# Images per session run, whatever batch the caller groups: on 2-core x86 CPUs 8 images ran at 132
-# images/s and grew the process by 194 MB, 32 images at 113 images/s and 782 MB (ONNX Runtime keeps
-# its largest activations per run; smaller ones stay in the CPU's caches). README, Performance.
+# Images per session run, whatever batch the caller groups: on 2-core x86 CPUs 8 images ran at 97
+# images/s and grew the process by 190 MB, 32 images at 80 images/s and 757 MB (ONNX Runtime keeps
+# its largest activations per run; smaller ones stay in the CPU's caches): benchmarks/ceilings.py.
 RUN_BATCH = 8
 
 
