@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the th
 from orthanc import free_port, throwaway_orthanc, wait_for  # noqa: E402
 
 from braintumor.data.datasets import load_split  # noqa: E402
+from run import machine  # noqa: E402
 from braintumor.inference.predict import load_model  # noqa: E402
 from braintumor.pacs.destinations import CStoreDestination  # noqa: E402
 from braintumor.pacs.node import DicomNode, NodeSettings  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--slices", type=int, default=150)
     parser.add_argument("--quiet", type=float, default=1.0, help="the node's quiet period, seconds")
+    parser.add_argument("--backend", default="auto", help="the classifier's backend: auto (as dicom-node), torch, onnx")
     arguments = parser.parse_args()
     images = sorted(s.path for s in load_split(arguments.data, "Testing"))[: arguments.slices]
     times = SeriesTimes()
@@ -77,7 +79,7 @@ def main() -> None:
         node_port = free_port()
         with throwaway_orthanc(Path(folder), node_port) as pacs:
             settings = NodeSettings(Path(folder) / "queue", port=node_port, quiet_seconds=arguments.quiet)
-            node = DicomNode(load_model(), CStoreDestination("ORTHANC", "127.0.0.1", pacs.dicom_port), settings)
+            node = DicomNode(load_model(backend=arguments.backend), CStoreDestination("ORTHANC", "127.0.0.1", pacs.dicom_port), settings)
             node.start()
             started = time.perf_counter()
             last_ack = send(node_port, files)
@@ -85,6 +87,7 @@ def main() -> None:
                      120, "the results in Orthanc", every=0.05)
             stored = time.perf_counter()
             node.stop()
+    print(machine())
     print(f"series: {len(files)} slices of {arguments.data.name}/Testing, quiet period {arguments.quiet} s")
     print(f"C-STORE of the series to the node: {last_ack - started:.2f} s")
     print(f"node's time for the series (read, classify, Grad-CAM, SR and SC): {times.seconds[0]:.2f} s")

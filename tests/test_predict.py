@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.inference.predict import load_model
-from braintumor.inference.results import summarize_series
+from braintumor.inference.results import series_result
 from conftest import write_dicom
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scans"
@@ -134,12 +134,12 @@ def _series(*labels: str, uncertain: tuple[int, ...] = (), refused: tuple[int, .
     ],
 )
 def test_a_series_verdict_never_says_more_than_its_slices(slices: list, label: str, reason: str) -> None:
-    summary = summarize_series(slices)
+    summary = series_result(slices).summary()
     assert summary["label"] == label and reason in summary["reason"]
 
 
 def test_an_all_refused_volume_is_not_called_notumor() -> None:
-    summary = summarize_series(_series(*["notumor"] * 25, refused=tuple(range(25))))
+    summary = series_result(_series(*["notumor"] * 25, refused=tuple(range(25)))).summary()
     assert summary["label"] == "not_brain_mri" and summary["refused"] == 25
 
 

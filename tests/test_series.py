@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.data.series import plane_of, sequence_of, slice_normal
-from braintumor.inference.results import summarize_series
+from braintumor.inference.results import series_result
 from braintumor.pacs.report import SCHEME, VERDICT
 from braintumor.pacs.sample import write_series
 from conftest import EXAMPLES, local_client
@@ -128,7 +128,7 @@ def _slices(labels: list[str], sequence: str, positions: list[float] | None = No
     ],
 )
 def test_a_verdict_depends_on_what_the_training_data_covers(labels, sequence, verdict, reason) -> None:
-    summary = summarize_series(_slices(labels, sequence))
+    summary = series_result(_slices(labels, sequence)).summary()
     assert summary["label"] == verdict and reason in summary["reason"]
 
 
@@ -145,12 +145,12 @@ def test_a_verdict_depends_on_what_the_training_data_covers(labels, sequence, ve
     ],
 )
 def test_adjacent_means_neighbouring_places_along_the_normal(labels, positions, verdict) -> None:
-    assert summarize_series(_slices(labels, "T1C", positions))["label"] == verdict
+    assert series_result(_slices(labels, "T1C", positions)).summary()["label"] == verdict
 
 
 def test_slices_are_ordered_by_position_along_the_normal() -> None:
     slices = _slices(["glioma", "notumor", "glioma", "notumor"], "T1C")  # positions 0, -1, -2, -3
-    summary = summarize_series(slices)
+    summary = series_result(slices).summary()
     assert summary["classes"]["glioma"]["slices"] == [1, 3]  # reversed: no two glioma slices adjacent
     assert summary["label"] == "indeterminate"
 

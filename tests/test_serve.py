@@ -89,8 +89,10 @@ def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_pa
     response = client.post("/v1/predict", files=[_upload(dicom), _upload(volume)])
     assert response.status_code == 200, response.text
     objects = response.json()
-    assert [o["path"] for o in objects[:2]] == ["series.dcm#frame=0", "series.dcm#frame=1"]
-    assert [o["index"] for o in objects[2:7]] == list(range(5))
+    assert [o.get("kind") for o in objects[:2]] == ["series", "series"]  # verdicts first, then slices
+    slices = objects[2:]
+    assert [o["path"] for o in slices[:2]] == ["series.dcm#frame=0", "series.dcm#frame=1"]
+    assert [o["index"] for o in slices[2:7]] == list(range(5))
     [summary] = [o for o in objects if o.get("kind") == "series" and o["path"].endswith(".nii.gz")]
     assert summary["path"] == "head.nii.gz" and summary["summary"]["n_slices"] == 5
     [frames] = [o for o in objects if o.get("kind") == "series" and o["path"] == "series.dcm"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from braintumor.cli import app
 from braintumor.inference.predict import load_model
-from braintumor.inference.results import Prediction, summarize_series
+from braintumor.inference.results import Prediction, series_result
 from braintumor.models.checkpoint import save_weights
 from braintumor.models.registry import build_efficientnet_b0
 from braintumor.models.slice_kind import (
@@ -152,7 +152,7 @@ def test_a_t2_slice_gets_the_coverage_reason_in_every_output(t2_weights: Path, t
 def test_a_series_without_a_header_sequence_is_described_by_its_estimates() -> None:
     kind = SliceKind("t2", 0.9, "image", "coronal", 0.9, "image")
     slices = [Prediction(f"s{k}.png", "notumor", 0.99, slice_kind=kind) for k in range(3)]
-    summary = summarize_series(slices)
+    summary = series_result(slices).summary()
     assert (summary["sequence"], summary["sequence_from"]) == ("T2", "image estimate")
     assert (summary["plane"], summary["plane_from"]) == ("coronal", "image estimate")
     assert summary["label"] == "indeterminate"  # notumor on T2: the model has never seen a T2 tumour

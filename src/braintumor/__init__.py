@@ -15,7 +15,9 @@ from .constants import CLASS_NAMES
 __version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it from here
 
 if TYPE_CHECKING:
+    from .data.dicom_series import DicomSeries, read_dicom_series
     from .inference.predict import Classifier, Explanation, Prediction, load_model
+    from .inference.results import SeriesResult, SeriesVerdict, SlicePrediction, flags_of
     from .models.registry import create_model
 
 # public name -> the module (relative to this package) that defines it
@@ -25,9 +27,18 @@ _LAZY: dict[str, str] = {
     "Prediction": "inference.predict",
     "load_model": "inference.predict",
     "create_model": "models.registry",
+    "SlicePrediction": "inference.results",
+    "SeriesResult": "inference.results",
+    "SeriesVerdict": "inference.results",
+    "flags_of": "inference.results",
+    "DicomSeries": "data.dicom_series",
+    "read_dicom_series": "data.dicom_series",
 }
 
-__all__ = ["CLASS_NAMES", "Classifier", "Explanation", "Prediction", "__version__", "create_model", "load_model"]
+__all__ = [
+    "CLASS_NAMES", "Classifier", "DicomSeries", "Explanation", "Prediction", "SeriesResult", "SeriesVerdict",
+    "SlicePrediction", "__version__", "create_model", "flags_of", "load_model", "read_dicom_series",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,15 +9,16 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, TextIO
 
 import typer
 
 from .errors import BraintumorError, one_line, printable_name
 
 if TYPE_CHECKING:
+    from .data.dicom_series import DicomSeries
     from .inference.predict import Classifier
-    from .inference.results import Prediction, SeriesCollector
+    from .inference.results import Prediction, SeriesCollector, SeriesResult
 
 # predict's CSV columns after the error: the slice's kind (slice_kind.SliceKind) and the flag's words.
 KIND_COLUMNS = ("sequence", "sequence_confidence", "sequence_origin", "plane", "plane_confidence", "plane_origin",
@@ -263,7 +264,6 @@ def predict(
     Exit code 0 when every input was classified, 1 when some failed, 2 for usage errors.
     """
     import csv
-    import json
 
     from tqdm import tqdm
 
@@ -280,6 +280,7 @@ def predict(
         _fail(str(exc))
     if not files:
         _fail("no scan files found in " + ", ".join(paths))
+    judged: list[tuple[DicomSeries, SeriesResult]] = []
     with contextlib.ExitStack() as stack:
         writer = None
         if csv_file is not None:
@@ -298,26 +299,64 @@ def predict(
         else:
             columns = "".join(f"{n[:10]:>11}" for n in classifier.class_names)
             typer.echo(f"{'label':<14}{'conf':>7}  {columns}  path")
-        for result in classifier.predict_iter(files, batch_size=batch_size, progress=progress):
+        for result in _predictions(classifier, files, batch_size, progress, judged if dicom_out else None):
             failures += result.error is not None
             series.add(result)
             if writer is not None:
                 writer.writerow(_csv_row(result, classifier.class_names))
-            if json_output:
-                typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
-                first = False
-            elif result.error is not None:
-                typer.echo(f"error: {result.error}", err=True)
-            else:
-                echo(_prediction_line(result, classifier.class_names))
-        _echo_series(series, json_output, first)
+            first = _echo_prediction(result, classifier.class_names, echo, json_output, first)
+        _echo_series(series.results(), json_output, first)
         if json_output:
             typer.echo("\n]")
     if dicom_out is not None:
-        failures += _write_dicom_results(series, classifier, dicom_out)
+        failures += _write_dicom_results(judged, series, classifier, dicom_out)
     if failures:
         typer.echo(f"{failures} input(s) could not be classified", err=True)
         raise typer.Exit(1)
+
+
+def _echo_prediction(
+    result: Prediction, class_names: list[str], echo: Callable[[str], None], json_output: bool, first: bool
+) -> bool:
+    """One slice's result: an object of the JSON array (``first``: none before it), a table row, or
+    its error on stderr. Returns ``first`` for the next one."""
+    import json
+
+    if json_output:
+        typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
+        return False
+    if result.error is not None:
+        typer.echo(f"error: {result.error}", err=True)
+    else:
+        echo(_prediction_line(result, class_names))
+    return first
+
+
+def _predictions(
+    classifier: Classifier, files: list[Path], batch_size: int, progress: bool,
+    judged: list[tuple[DicomSeries, SeriesResult]] | None,
+) -> Iterator[Prediction]:
+    """Every input's predictions. With ``judged`` (``--dicom-out``), DICOM files are read once as
+    series and each series is judged with its key slice's heat map in one pass
+    (``Classifier.predict_series``); each (series, result) is added to ``judged``."""
+    from .data.dicom_series import read_dicom_series
+    from .data.inputs import is_dicom_path
+    from .inference.results import Prediction
+
+    if judged is None:
+        yield from classifier.predict_iter(files, batch_size=batch_size, progress=progress)
+        return
+    dicom = [f for f in files if is_dicom_path(f)]
+    found, failures = read_dicom_series(dicom)
+    for failure in failures:
+        yield Prediction(path=failure.source, error=failure.message)
+    for one in found:
+        result = classifier.predict_series(one, explain=True, batch_size=batch_size)
+        judged.append((one, result))
+        yield from result.slices
+    others = [f for f in files if f not in set(dicom)]
+    if others:
+        yield from classifier.predict_iter(others, batch_size=batch_size, progress=progress)
 
 
 def _open_csv(csv_file: Path) -> TextIO:
@@ -352,49 +391,47 @@ def _prediction_line(result: Prediction, class_names: list[str]) -> str:
     return f"{result.label:<14}{result.confidence:>7.3f}  {row}  {printable_name(result.path)}{flag}"
 
 
-def _echo_series(series: SeriesCollector, json_output: bool, first: bool) -> None:
+def _echo_series(results: list[SeriesResult], json_output: bool, first: bool) -> None:
     """Each series' verdict after all slices: an object of ``predict``'s JSON array (``first``: no
     object before it) or a line of text."""
     import json
 
     if json_output:
-        for entry in series.objects():
-            typer.echo(("" if first else ",") + "\n" + json.dumps(entry), nl=False)
+        for result in results:
+            typer.echo(("" if first else ",") + "\n" + json.dumps(result.to_dict()), nl=False)
             first = False
         return
-    for summary in series.summaries():
-        parts = [
-            f"{k} on {len(v['slices'])} slices (max {v['max_confidence']:.3f})" for k, v in summary["classes"].items()
-        ]
-        looks = f"{summary['n_slices']} slices, {summary['plane']} {summary['sequence']}"
-        verdict = f"{summary['label']} ({summary['reason']})"
-        typer.echo(f"series {summary['path']} ({looks}): {verdict} - " + "; ".join(parts))
+    for result in results:
+        parts = [f"{k} on {len(c.slices)} slices (max {c.max_confidence:.3f})" for k, c in result.classes().items()]
+        looks = f"{len(result.slices)} slices, {result.kind.plane} {result.kind.sequence}"
+        verdict = f"{result.verdict.label} ({result.verdict.reason})"
+        typer.echo(f"series {result.path} ({looks}): {verdict} - " + "; ".join(parts))
 
 
-def _write_dicom_results(series: SeriesCollector, classifier: Classifier, out: Path) -> int:
+def _write_dicom_results(
+    judged: list[tuple[DicomSeries, SeriesResult]], collected: SeriesCollector, classifier: Classifier, out: Path
+) -> int:
     """Each DICOM series' SR and Secondary Capture under ``out``, reported on stderr; returns how
     many series failed (a failed series is named with its reason, the others are still written)."""
-    from .pacs.report import SeriesReporter
+    from .pacs.report import ModelIdentity, dicom_results
 
-    reporter, failed = SeriesReporter(classifier), 0
-    for group in series.groups(single_files=True):
-        if any(p.dicom is None for p in group):
-            typer.echo(f"{group[0].file or group[0].path}: not DICOM, so no DICOM results", err=True)
-            continue
+    for result in collected.results():
+        if result.kind.series_uid is None:
+            typer.echo(f"{result.path}: not DICOM, so no DICOM results", err=True)
+    model, failed = ModelIdentity.of(classifier), 0
+    for series, result in judged:
         try:
-            results = reporter.results(group)
+            results = dicom_results(series, result, model)
             written = results.save(out)
         except Exception as exc:  # noqa: BLE001 - one series' failure is that series' one-line error
             reason = str(exc) if isinstance(exc, (BraintumorError, OSError)) else f"{type(exc).__name__}: {exc}"
-            typer.echo(f"error: DICOM results of {group[0].path}: {one_line(reason)}", err=True)
+            typer.echo(f"error: DICOM results of {series.path}: {one_line(reason)}", err=True)
             failed += 1
             continue
-        summary = results.summary
-        verdict = f"{summary['label']} ({summary['n_slices']} slices)"
-        typer.echo(f"DICOM results of {summary['path']}: {verdict}; {len(written)} files in {written[0].parent}",
-                   err=True)
+        verdict = f"{result.verdict.label} ({len(result.slices)} slices)"
+        typer.echo(f"DICOM results of {result.path}: {verdict}; {len(written)} files in {written[0].parent}", err=True)
         if results.note:
-            typer.echo(f"{summary['path']}: {results.note}", err=True)
+            typer.echo(f"{result.path}: {results.note}", err=True)
     return failed
 
 

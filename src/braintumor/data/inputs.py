@@ -13,24 +13,25 @@ import logging
 import os
 import stat
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..constants import IMAGE_EXTENSIONS, JUNK_NAMES
 from ..errors import InvalidImageError, UnsupportedFileType, one_line, printable_name
 from .imaging import array_to_grey, colour_share, decode_image_and_colour, resize_grey
-from .medical import MAX_FILE_BYTES, dicom_frames, nifti_slices
+from .medical import MAX_FILE_BYTES, DicomImage, nifti_slices, read_dicom
 from .series import DicomRef
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 SUPPORTED_TYPES = "send JPEG, PNG, BMP, TIFF, WebP, DICOM or NIfTI"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # First bytes of JPEG, PNG, BMP and TIFF (both byte orders) files.
+T = TypeVar("T")
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 
 
@@ -177,8 +178,14 @@ def read_scan(source: str | Path | bytes, name: str | None = None) -> list[Slice
             budget per input (``medical.MAX_INPUT_VOXELS``, ``MAX_INFLATED_BYTES``).
     """
     label = (name or "<bytes>") if isinstance(source, bytes) else str(source)
+    return read_guarded(label, lambda: _read_scan(source, label))
+
+
+def read_guarded(label: str, read: Callable[[], T]) -> T:
+    """``read()``, with any failure (a decoder's own exception included) turned into an
+    ``InvalidImageError`` of one line that names ``label``."""
     try:
-        return _read_scan(source, label)
+        return read()
     except InvalidImageError as exc:
         raise type(exc)(one_line(str(exc))) from None
     except MemoryError:
@@ -198,30 +205,38 @@ def _read_scan(source: str | Path | bytes, label: str) -> list[Slice]:
             raise UnsupportedFileType(f"{label}: unsupported file type ({SUPPORTED_TYPES})")
     else:
         origin = Path(source)
-        _check_readable(origin)
-        kind = "nifti" if _is_nifti(origin) else "dicom" if _is_dicom_path(origin) else "image"
+        check_readable(origin)
+        kind = "nifti" if _is_nifti(origin) else "dicom" if is_dicom_path(origin) else "image"
     if kind == "nifti":
         slices, volume, note = nifti_slices(origin, label)
         if not volume:
             return [Slice(label, slices[0], label, note=note)]
         return [Slice(f"{label}#slice={k}", pixels, label, k, True, note=note) for k, pixels in enumerate(slices)]
     if kind == "dicom":
-        frames, colour, refusal, refs = dicom_frames(origin, label)
-        if len(frames) == 1:
-            return [Slice(label, frames[0], label, colour_share=colour[0], header_refusal=refusal, dicom=refs[0])]
-        return [
-            Slice(f"{label}#frame={k}", pixels, label, k, True, colour[k], refusal, dicom=refs[k])
-            for k, pixels in enumerate(frames)
-        ]
+        return dicom_slices(read_dicom(origin, label), label)
     pixels, colour = decode_image_and_colour(origin, label)
     return [Slice(label, pixels, label, colour_share=colour)]
 
 
-def _is_dicom_path(path: Path) -> bool:
+def dicom_slices(image: DicomImage, label: str) -> list[Slice]:
+    """The slices of a DICOM file read by ``medical.read_dicom``: one per frame (a multi-frame
+    file's named ``label#frame=K``)."""
+    if len(image.frames) == 1:
+        return [Slice(label, image.frames[0], label, colour_share=image.colour[0], header_refusal=image.refusal,
+                      dicom=image.refs[0])]
+    return [
+        Slice(f"{label}#frame={k}", pixels, label, k, True, image.colour[k], image.refusal, dicom=image.refs[k])
+        for k, pixels in enumerate(image.frames)
+    ]
+
+
+def is_dicom_path(path: Path) -> bool:
+    """A DICOM file by its extension or, without one, by the DICM marker at byte 128."""
     return path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_magic(path)
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
+    """Refuse, by name and reason, a path that is no regular file, is empty or is over the size limit."""
     if not path.is_file():
         special = special_kind(path)
         reason = ("is a folder" if path.is_dir() else f"is {special}, not a file: not read" if special

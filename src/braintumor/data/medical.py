@@ -15,6 +15,7 @@ import io
 import logging
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ MAX_STORED_BYTES = 512 * 2**20  # all pixel data of one input at its stored prec
 MAX_INFLATED_BYTES = 1 << 30  # what one compressed input may inflate to
 MAX_FILE_BYTES = 1 << 30  # one file on disk, checked before it is read
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 # pydicom logs a full traceback for every codec it lacks, and warns about every invalid header value
 # it meets; the reason that matters reaches the user in one line, with the file named.
@@ -186,7 +188,7 @@ def dicom_header(data: bytes, label: str) -> Any:
 
 def _check_pixel_header(dataset: Any, label: str) -> int:
     """The frame count, once the header's image size is sane and within the budget."""
-    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+    if not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and getattr(syntax, "is_little_endian", True) is False:
             # Read as big endian, little-endian data parses as elements that never reach the pixels.
@@ -250,27 +252,39 @@ def _grey_frame(frame: np.ndarray, dataset: Any, label: str) -> np.ndarray:
     return 255 - grey if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1" else grey
 
 
-def dicom_frames(
-    source: Path | bytes, label: str
-) -> tuple[list[np.ndarray], list[float], str | None, list[DicomRef]]:
-    """Grey frames, each frame's colour share, the header's refusal (``dicom_refusal``) and each
-    frame's place in its series (``series.dicom_refs``) of a DICOM file or its bytes (``label``
-    names it in errors)."""
+@dataclass(frozen=True)
+class DicomImage:
+    """A DICOM file read once: its header (pixel data dropped once decoded: what results reference
+    and copy), its frames as grey slices at their own size with each one's colour share, the
+    header's own refusal (``dicom_refusal``) and each frame's place in its series."""
+
+    header: Any
+    frames: list[np.ndarray]
+    colour: list[float]
+    refusal: str | None
+    refs: list[DicomRef]
+
+
+def read_dicom(source: Path | bytes, label: str) -> DicomImage:
+    """A DICOM file or its bytes (``label`` names it in errors), parsed once and decoded within
+    the budget."""
     dataset = _read_dataset(source, label)
     frames_count = _check_pixel_header(dataset, label)
     array = _pixel_array(dataset, label)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
-    frames = array if frames_count > 1 else array[None]
-    results, colour = [], []
-    for frame in frames:
+    frames, colour = [], []
+    for frame in array if frames_count > 1 else array[None]:
         if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or frame.ndim == 3:
             rgb = frame.astype(np.uint8) if frame.dtype != np.uint8 else frame  # pydicom gives YBR as RGB
-            results.append(array_to_grey(rgb))
+            frames.append(array_to_grey(rgb))
             colour.append(colour_share(rgb))
         else:
-            results.append(_grey_frame(frame, dataset, label))
+            frames.append(_grey_frame(frame, dataset, label))
             colour.append(0.0)
-    return results, colour, dicom_refusal(dataset), dicom_refs(dataset, frames_count)
+    for keyword in PIXEL_KEYWORDS:  # the grey frames are kept; the stored pixels (and pydicom's array) go
+        if keyword in dataset:
+            del dataset[keyword]
+    return DicomImage(dataset, frames, colour, dicom_refusal(dataset), dicom_refs(dataset, frames_count))
 
 
 # ---------------------------------------------------------------- NIfTI

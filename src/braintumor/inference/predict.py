@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..data.dicom_series import DicomSeries
 from ..data.imaging import resize_grey
 from ..data.inputs import InputItem, ReadFailure, Slice, read_inputs
 from ..data.transforms import Preprocessing
@@ -30,7 +31,7 @@ from ..models.ood import OODGuard, colour_rejects, outside_range_reason, refusal
 from ..models.slice_kind import SliceKind, coverage_reason
 from ..models.spec import DEFAULT_CAM_LAYER, ModelSpec
 from .explain import HeatmapRequest, compute_heatmaps, resize_heatmap, resolve_layer
-from .results import NOT_BRAIN_MRI, Explanation, Prediction
+from .results import NOT_BRAIN_MRI, Explanation, Prediction, SeriesResult, series_result
 
 __all__ = [
     "BACKENDS", "DEFAULT_CAM_LAYER", "DEFAULT_CAM_METHOD", "NOT_BRAIN_MRI", "Assessment", "Classifier", "Explanation",
@@ -281,6 +282,36 @@ class Classifier:
             reasons.append(outside_range_reason(float(assessment.scores[k]), self.guard.range_threshold))
         reasons = [r for r in reasons if r]
         return bool(reasons), "; ".join(reasons) or None
+
+    def predict_series(
+        self, series: DicomSeries | list[Slice], explain: bool = False, batch_size: int = 32
+    ) -> SeriesResult:
+        """One series judged in one pass: every slice classified once on this classifier's network,
+        put in order and given its verdict (``results.series_result``); with ``explain``, the
+        Grad-CAM of the slice a person should look at first (``SeriesResult.shown_slice``) for the
+        class it was given, on its pixels as read. Reads no file: a ``DicomSeries`` holds its
+        instances' headers and pixels (``data.dicom_series.read_dicom_series``).
+
+        Raises:
+            ConfigError: ``explain`` with a classifier that has no torch network (an ONNX file).
+        """
+        slices = series.slices if isinstance(series, DicomSeries) else list(series)
+        request = self._heatmap_request(DEFAULT_CAM_METHOD, None, self.spec.cam_layer) if explain else None
+        result = series_result(self.predict_slices(slices, batch_size))
+        shown = result.shown_slice() if request is not None else None
+        if shown is not None:
+            source = next(s for s in slices if s.source == shown.path)
+            result.key_heatmap = self._heatmap_of(source, shown, request)
+        return result
+
+    def _heatmap_of(self, item: Slice, prediction: Prediction, request: HeatmapRequest) -> Explanation:
+        """The heat map of ``prediction``'s class over ``item`` at its own size; the prediction is
+        the one already made, not made again."""
+        target = replace(request, target=self.class_names.index(prediction.label))
+        resized = resize_grey(item.pixels, self.image_size)[None]
+        cams = compute_heatmaps(self.model, resized, target, self.preprocessing)
+        heatmap = resize_heatmap(cams.heatmaps[0], item.pixels.shape)
+        return Explanation(prediction, heatmap, item.pixels, prediction.label, request.method, request.layer)
 
     def predict_iter(
         self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32, workers: int = 2, progress: bool = False

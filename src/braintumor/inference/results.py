@@ -1,14 +1,18 @@
-"""What inference returns: ``Prediction`` (one 2-D slice), ``Explanation`` (a heat map with its
-prediction) and the verdict on a series of slices, as the CLI, the Python API and the service give
-them. One ``SeriesCollector`` groups slices into series for all of them: the slices of a NIfTI
-volume or a multi-frame DICOM file, and DICOM files of one StudyInstanceUID and SeriesInstanceUID,
-put in anatomical order (``data.series.series_order_key``) whatever order they came in.
+"""What inference returns, as typed objects: ``SlicePrediction`` (one 2-D slice; ``Prediction``
+is the same class), ``Explanation`` (a heat map with its prediction) and ``SeriesResult`` (a
+series' slices in order, what it is, its ``SeriesVerdict`` and the key slice's heat map), as the
+CLI, the Python API, the service and the DICOM node give them. ``flags_of`` reads the flags the
+user is shown; dicts are made only at the edge (``to_dict``, ``summary``).
+
+Slices group into series (``series_result``, ``SeriesCollector``): the slices of a NIfTI volume or
+a multi-frame DICOM file, and DICOM files of one StudyInstanceUID and SeriesInstanceUID, put in
+anatomical order (``data.series.series_order_key``) whatever order they came in.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,7 +25,7 @@ NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribu
 
 
 @dataclass
-class Prediction:
+class SlicePrediction:
     """The result for one 2-D image: its class, the class's probability and all probabilities.
 
     ``error`` is set (and the rest empty) when the input could not be read.
@@ -70,6 +74,9 @@ class Prediction:
         return result
 
 
+Prediction = SlicePrediction  # the name the Python API has always used
+
+
 MIN_ADJACENT = 2  # confident slices in a row that a tumour verdict needs
 # Sequences absent from the training data (MODEL_CARD, "What the training data covers"): a series
 # of one gets no verdict. T2 and FLAIR appear there only as normal slices, so the model has never
@@ -80,11 +87,25 @@ NORMAL_ONLY_SEQUENCES = frozenset({"T2", "FLAIR"})
 SERIES_SEQUENCE_NAMES = {family: word for word, family in HEADER_SEQUENCES.items()}
 
 
+FLAGS = ("unreadable", "refused", "uncertain", "outside_validated_range")
+
+
+def flags_of(prediction: Prediction) -> frozenset[str]:
+    """The flags a user was shown with one slice's answer, as ``Classifier`` set them (the one
+    place that decides them): ``unreadable``; ``refused`` (not brain MRI: nothing else applies);
+    else ``uncertain`` (refer to a radiologist) and ``outside_validated_range``, either or both.
+    No flag: a confident answer. The evaluation's counts and the series verdicts read this."""
+    if prediction.error or not prediction.label:
+        return frozenset({"unreadable"})
+    if prediction.not_brain_mri:
+        return frozenset({"refused"})
+    return frozenset(name for name, on in (("uncertain", prediction.uncertain),
+                                           ("outside_validated_range", prediction.outside_validated_range)) if on)
+
+
 def _is_confident(prediction: Prediction) -> bool:
     """Read, and with none of the flags that say the answer may be wrong."""
-    return bool(prediction.label) and not prediction.not_brain_mri and not prediction.error and (
-        prediction.uncertain is not True and prediction.outside_validated_range is not True
-    )
+    return not flags_of(prediction)
 
 
 SAME_POSITION_MM = 0.01  # slices closer than this along the normal are one location (echoes, repeats)
@@ -231,64 +252,154 @@ def _series_path(ordered: list[Prediction]) -> str:
     return shared or f"series {uid}"
 
 
-def describe_series(ordered: list[Prediction]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SeriesKind:
+    """What a series is: UIDs and description from its headers; plane and sequence from the headers
+    where they say, else estimated from the images (``*_from`` says which)."""
+
+    plane: str = "unknown"
+    sequence: str = "unknown"
+    sequence_from: str = ""
+    plane_from: str = ""
+    study_uid: str | None = None
+    series_uid: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """What a series is called (a class, ``indeterminate`` or ``not_brain_mri``), why, and its key
+    slices (numbers in the series' anatomical order)."""
+
+    label: str
+    reason: str
+    key_slices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassSlices:
+    """The slices (numbers in anatomical order) given one class, and its highest confidence there."""
+
+    slices: tuple[int, ...]
+    max_confidence: float
+
+
+@dataclass
+class SeriesResult:
+    """One series judged: its slices in anatomical order (each once), what it is, the verdict, and
+    (from ``Classifier.predict_series`` with ``explain``) the Grad-CAM of the slice a person
+    should look at first. Dicts are made only at the edge (``summary``, ``to_dict``)."""
+
+    path: str
+    slices: list[Prediction]
+    kind: SeriesKind
+    verdict: SeriesVerdict
+    key_heatmap: Explanation | None = None
+
+    @property
+    def key_predictions(self) -> list[Prediction]:
+        return [self.slices[k] for k in self.verdict.key_slices]
+
+    def count(self, flag: str) -> int:
+        """Slices shown with ``flag`` (``flags_of``); ``confident``: with no flag."""
+        if flag == "confident":
+            return sum(1 for p in self.slices if not flags_of(p))
+        return sum(1 for p in self.slices if flag in flags_of(p))
+
+    @property
+    def mean_probabilities(self) -> dict[str, float]:
+        return mean_probabilities(self.slices)
+
+    @property
+    def confidence(self) -> float | None:
+        """The highest confidence among the key slices (None without key slices)."""
+        return max((p.confidence for p in self.key_predictions if p.confidence is not None), default=None)
+
+    def classes(self) -> dict[str, ClassSlices]:
+        """Which slices each class was given (refusals included, as ``not_brain_mri``)."""
+        found: dict[str, list[int]] = {}
+        for number, prediction in enumerate(self.slices):
+            if prediction.label is not None:
+                found.setdefault(prediction.label, []).append(number)
+        return {label: ClassSlices(tuple(numbers), max(float(self.slices[k].confidence or 0.0) for k in numbers))
+                for label, numbers in found.items()}
+
+    def shown_slice(self) -> Prediction | None:
+        """The slice a picture of the verdict shows: the most confident key slice; without key
+        slices, the most confident slice classified (none for a series refused as not brain MRI)."""
+        candidates = self.key_predictions or (
+            [] if self.verdict.label == NOT_BRAIN_MRI else [p for p in self.slices if p.label and not p.not_brain_mri]
+        )
+        return max(candidates, key=lambda p: p.confidence or 0.0) if candidates else None
+
+    def summary(self) -> dict[str, Any]:
+        """The series summary as JSON (``predict --json``, the service, the node's results.jsonl)."""
+        kind = self.kind
+        described: dict[str, Any] = {"plane": kind.plane, "sequence": kind.sequence,
+                                     "sequence_from": kind.sequence_from}
+        if kind.plane_from:
+            described["plane_from"] = kind.plane_from
+        if kind.series_uid is not None:
+            described.update(study_instance_uid=kind.study_uid, series_instance_uid=kind.series_uid,
+                             description=kind.description)
+        return {
+            "path": self.path, "n_slices": len(self.slices), "label": self.verdict.label, "reason": self.verdict.reason,
+            **described, "key_slices": list(self.verdict.key_slices),
+            "key_paths": [p.path for p in self.key_predictions],
+            **{flag: self.count(flag) for flag in ("refused", "uncertain", "outside_validated_range", "confident")},
+            "classes": {label: {"slices": list(c.slices), "max_confidence": c.max_confidence}
+                        for label, c in self.classes().items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``predict --json`` (and HTTP) object for the series: verdict first, then its summary."""
+        return {
+            "path": self.path, "kind": "series", "label": self.verdict.label, "reason": self.verdict.reason,
+            "confidence": self.confidence, "probabilities": self.mean_probabilities, "plane": self.kind.plane,
+            "sequence": self.kind.sequence, "summary": self.summary(),
+        }
+
+
+def describe_series(ordered: list[Prediction]) -> SeriesKind:
     """What a series is: its UIDs and description from the headers; its plane and sequence from the
     headers where they say, else the slices' estimates (``slice_kind``: the most common one)."""
     refs = [p.dicom for p in ordered if p.dicom is not None]
     if not refs:
-        described = {"plane": "axial" if any(p.volume for p in ordered) else "unknown", "sequence": "unknown",
-                     "sequence_from": ""}
+        described = SeriesKind(plane="axial" if any(p.volume for p in ordered) else "unknown")
     else:
         sequence = most_common([r.sequence for r in refs])
-        described = {
-            "study_instance_uid": refs[0].study_uid, "series_instance_uid": refs[0].series_uid,
-            "description": refs[0].description, "plane": most_common([r.plane for r in refs]), "sequence": sequence,
-            "sequence_from": next((r.sequence_source for r in refs if r.sequence == sequence), ""),
-        }
-    return {**described, **_estimated_kind(ordered, described)}
+        described = SeriesKind(
+            plane=most_common([r.plane for r in refs]), sequence=sequence,
+            sequence_from=next((r.sequence_source for r in refs if r.sequence == sequence), ""),
+            study_uid=refs[0].study_uid, series_uid=refs[0].series_uid, description=refs[0].description,
+        )
+    return _estimated_kind(ordered, described)
 
 
-def _estimated_kind(ordered: list[Prediction], described: dict[str, Any]) -> dict[str, Any]:
+def _estimated_kind(ordered: list[Prediction], described: SeriesKind) -> SeriesKind:
     """The plane and sequence the slices' images suggest, where the headers leave them unknown."""
     kinds = [p.slice_kind for p in ordered if p.slice_kind is not None]
     if not kinds:
-        return {}
-    found: dict[str, Any] = {}
+        return described
     family = most_common([k.sequence for k in kinds])
-    if described["sequence"] == "unknown" and family in SERIES_SEQUENCE_NAMES:
-        found.update(sequence=SERIES_SEQUENCE_NAMES[family], sequence_from="image estimate")
-    if described["plane"] == "unknown":
-        found.update(plane=most_common([k.plane for k in kinds]), plane_from="image estimate")
-    return found
+    if described.sequence == "unknown" and family in SERIES_SEQUENCE_NAMES:
+        described = replace(described, sequence=SERIES_SEQUENCE_NAMES[family], sequence_from="image estimate")
+    if described.plane == "unknown":
+        described = replace(described, plane=most_common([k.plane for k in kinds]), plane_from="image estimate")
+    return described
 
 
-def summarize_series(predictions: list[Prediction]) -> dict[str, Any]:
-    """Series-level view of one series' slice predictions (any order): the verdict
-    (``series_verdict``) with its reason and key slices (numbers in anatomical order, and their
-    paths), what the headers say it is, and which classes on which slices."""
+def series_result(predictions: list[Prediction]) -> SeriesResult:
+    """One series' slice predictions (any order) judged: put in order, described, and given the
+    verdict of ``series_verdict``."""
     ordered = series_order(predictions)
-    by_class: dict[str, dict[str, Any]] = {}
-    for number, prediction in enumerate(ordered):
-        if prediction.label is None:
-            continue
-        entry = by_class.setdefault(prediction.label, {"slices": [], "max_confidence": 0.0})
-        entry["slices"].append(number)
-        entry["max_confidence"] = max(entry["max_confidence"], float(prediction.confidence or 0.0))
-    described = describe_series(ordered)
-    label, reason, key = ("indeterminate", "no slices", []) if not ordered else series_verdict(
-        ordered, described["sequence"]
-    )
+    kind = describe_series(ordered)
+    if not ordered:
+        return SeriesResult("", [], kind, SeriesVerdict("indeterminate", "no slices"))
+    label, reason, key = series_verdict(ordered, kind.sequence)
     place = {id(p): k for k, p in enumerate(ordered)}
-    return {
-        "path": _series_path(ordered) if ordered else "", "n_slices": len(ordered), "label": label, "reason": reason,
-        **described,
-        "key_slices": [place[id(p)] for p in key], "key_paths": [p.path for p in key],
-        "refused": sum(1 for p in ordered if p.not_brain_mri),
-        "uncertain": sum(1 for p in ordered if p.uncertain),
-        "outside_validated_range": sum(1 for p in ordered if p.outside_validated_range),
-        "confident": sum(1 for p in ordered if _is_confident(p)),
-        "classes": by_class,
-    }
+    verdict = SeriesVerdict(label, reason, tuple(place[id(p)] for p in key))
+    return SeriesResult(_series_path(ordered), ordered, kind, verdict)
 
 
 def mean_probabilities(slices: list[Prediction]) -> dict[str, float]:
@@ -296,19 +407,6 @@ def mean_probabilities(slices: list[Prediction]) -> dict[str, float]:
     readable = [p for p in slices if p.probabilities]
     names = list(readable[0].probabilities) if readable else []
     return {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
-
-
-def series_object(slices: list[Prediction]) -> dict[str, Any]:
-    """The ``predict --json`` (and HTTP) object for a whole series: its verdict and summary, the
-    highest confidence among its key slices, and the mean of its slices' probabilities."""
-    summary = summarize_series(slices)
-    key = set(summary["key_paths"])
-    return {
-        "path": summary["path"], "kind": "series", "label": summary["label"], "reason": summary["reason"],
-        "confidence": max((p.confidence for p in slices if p.path in key and p.confidence is not None), default=None),
-        "probabilities": mean_probabilities(slices), "plane": summary["plane"], "sequence": summary["sequence"],
-        "summary": summary,
-    }
 
 
 def series_key(prediction: Prediction) -> tuple[str, ...] | None:
@@ -334,26 +432,20 @@ class SeriesCollector:
         if key is not None:
             self._series.setdefault(key, []).append(prediction)
 
-    def groups(self, single_files: bool = False) -> list[list[Prediction]]:
-        """Each series' slices (as they came), in order of first appearance; with ``single_files``,
-        also the DICOM series of one single-frame file (``--dicom-out`` writes results for them)."""
-        return [s for s in self._series.values() if len(s) > 1 or s[0].volume or single_files]
-
-    def summaries(self) -> list[dict[str, Any]]:
-        """One ``summarize_series`` per series."""
-        return [summarize_series(slices) for slices in self.groups()]
-
-    def objects(self) -> list[dict[str, Any]]:
-        """One ``series_object`` per series."""
-        return [series_object(slices) for slices in self.groups()]
+    def results(self) -> list[SeriesResult]:
+        """One ``series_result`` per series of more than one slice, in order of first appearance."""
+        return [series_result(s) for s in self._series.values() if len(s) > 1 or s[0].volume]
 
 
-def prediction_objects(results: list[Prediction]) -> list[dict[str, Any]]:
-    """The ``predict --json`` array: one object per slice, then one per series."""
-    collector = SeriesCollector()
-    for result in results:
-        collector.add(result)
-    return [r.to_dict() for r in results] + collector.objects()
+def prediction_objects(results: list[Prediction], series: list[SeriesResult] | None = None) -> list[dict[str, Any]]:
+    """The ``predict --json`` array: one object per series first (its verdict), then one per slice.
+    ``series``: the series already judged (default: collected from ``results``)."""
+    if series is None:
+        collector = SeriesCollector()
+        for result in results:
+            collector.add(result)
+        series = collector.results()
+    return [s.to_dict() for s in series] + [r.to_dict() for r in results]
 
 
 @dataclass

@@ -11,6 +11,7 @@ write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -28,7 +29,14 @@ WEIGHTS_FORMAT = "braintumor-weights/1"
 
 def weights_sha256(path: Path) -> str:
     """The full SHA-256 of a weights file: what names the exact model in exports, the service's
-    model information and DICOM results."""
+    model information and DICOM results. Hashed once per process for each file as it is on disk
+    (path, size and modification time): a rewritten file is hashed again."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

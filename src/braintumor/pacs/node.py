@@ -13,6 +13,7 @@ on. Results that cannot be sent stay queued and are tried again every ``retry_se
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.dicom_series import read_dicom_series
+from ..data.inputs import expand_inputs
 from ..data.medical import MAX_INPUT_SLICES, dicom_header
 from ..errors import BraintumorError, InvalidImageError, one_line
 from ..inference.predict import Classifier
+from ..inference.results import SeriesResult
 from .destinations import Destination, SendError
 from .queue import QueueError, SeriesFull, SeriesQueue
-from .report import MANUFACTURER, SeriesReporter
+from .report import MANUFACTURER, ModelIdentity, SeriesResults, dicom_results
 
 log = logging.getLogger("braintumor.dicom_node")
 
@@ -64,7 +68,7 @@ class DicomNode:
         self.destination = destination
         self.settings = settings
         self.queue = SeriesQueue(settings.queue)
-        self.reporter = SeriesReporter(classifier)
+        self.model = ModelIdentity.of(classifier)
         self._stop = threading.Event()
         self._server: Any = None
         self._threads: list[threading.Thread] = []
@@ -198,9 +202,9 @@ class DicomNode:
         with the reason. Any failure stays with this series."""
         started = time.perf_counter()
         try:
-            files, summary, report = self._results(work)
+            files, result, report = self._results(work)
             with self._series_lock(work.name):
-                self.queue.put_results(work, files, summary)
+                self.queue.put_results(work, files)
             self.queue.finish(work, report)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong with one series stays with it
             reason = str(exc) if isinstance(exc, BraintumorError) else f"{type(exc).__name__}: {exc}"
@@ -208,27 +212,25 @@ class DicomNode:
             log.debug("%s", traceback.format_exc())
             self.queue.fail(work, reason)
             return
-        log.info("series %s (%d slices, %s %s): %s (%s) in %.1f s", work.name, summary["n_slices"],
-                 summary["plane"], summary["sequence"], summary["label"], summary["reason"],
+        log.info("series %s (%d slices, %s %s): %s (%s) in %.1f s", work.name, len(result.slices),
+                 result.kind.plane, result.kind.sequence, result.verdict.label, result.verdict.reason,
                  time.perf_counter() - started)
 
-    def _results(self, work: Path) -> tuple[dict[str, bytes], dict[str, Any], bytes]:
-        """(result files by name, the summary for results.jsonl, the SR's bytes)."""
-        predictions = list(self.classifier.predict_iter([work]))
-        read = [p for p in predictions if p.error is None]
-        if not read:
-            first = predictions[0].error if predictions else "no instances"
+    def _results(self, work: Path) -> tuple[dict[str, bytes], SeriesResult, bytes]:
+        """(result files by name, summary.json among them; the series judged; the SR's bytes).
+        Each instance is read once; the verdict and the heat map come from one classifier."""
+        found, failures = read_dicom_series(expand_inputs([work]))
+        if not found:
+            first = failures[0].message if failures else "no instances"
             raise SeriesFailed(f"no instance of the series is a readable image ({first})")
-        results = self.reporter.results(read, previous=self.queue.previous_reports(work))
+        if len(found) > 1:
+            raise SeriesFailed(f"{len(found)} series in one series folder: instances without matching UIDs")
+        [series] = found
+        result = self.classifier.predict_series(series, explain=True)
+        results = dicom_results(series, result, self.model, previous=self.queue.previous_reports(work))
         files = {f"{d.SOPInstanceUID}.dcm": _file_bytes(d) for d in results.datasets()}
-        keep = ("label", "reason", "n_slices", "plane", "sequence", "sequence_from", "plane_from", "key_slices",
-                "refused", "uncertain", "outside_validated_range", "confident", "study_instance_uid",
-                "series_instance_uid", "description")
-        summary = {k: results.summary[k] for k in keep if k in results.summary}
-        summary["unreadable"] = len(predictions) - len(read)
-        if results.note:
-            summary["note"] = results.note
-        return files, summary, files[f"{results.sr.SOPInstanceUID}.dcm"]
+        files["summary.json"] = json.dumps(_summary_line(results, len(failures))).encode()
+        return files, result, files[f"{results.sr.SOPInstanceUID}.dcm"]
 
     def _send_waiting(self, now: float | None) -> None:
         """Send each outbox folder whose turn has come; one that fails waits ``retry_seconds`` and
@@ -252,8 +254,17 @@ class DicomNode:
             self._retry_at[outbox.name] = now + self.settings.retry_seconds
             return
         self._retry_at.pop(outbox.name, None)
-        line = self.queue.record_sent(outbox, str(self.destination))
-        log.info("results of series %s (%s) sent to %s", outbox.name, line["label"], self.destination)
+        label = self.queue.record_sent(outbox, str(self.destination))
+        log.info("results of series %s (%s) sent to %s", outbox.name, label, self.destination)
+
+
+def _summary_line(results: SeriesResults, unreadable: int) -> dict[str, Any]:
+    """What results.jsonl keeps of a series: the verdict, what the series is, the slice counts."""
+    line = {k: v for k, v in results.result.summary().items() if k not in ("path", "key_paths", "classes")}
+    line["unreadable"] = unreadable
+    if results.note:
+        line["note"] = results.note
+    return line
 
 
 def _caller(event: Any) -> str:

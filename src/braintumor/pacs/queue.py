@@ -183,11 +183,12 @@ class SeriesQueue:
         os.utime(done)  # done now: kept keep_seconds from here
         return done
 
-    def put_results(self, work: Path, files: dict[str, bytes], summary: dict[str, Any]) -> Path:
-        """The series' result files and summary into its outbox folder (whole or not at all)."""
+    def put_results(self, work: Path, files: dict[str, bytes]) -> Path:
+        """The series' result files (the SR, the Secondary Capture and ``summary.json``, the JSON
+        object its line in results.jsonl is made of) into its outbox folder, whole or not at all."""
         staging = self.root / "outbox" / f".{work.name}.{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
-        for name, data in {**files, "summary.json": json.dumps(summary).encode()}.items():
+        for name, data in files.items():
             _write_atomically(staging / name, data)
         outbox = self.series_dir("outbox", work.parent.name, work.name)
         outbox.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +203,9 @@ class SeriesQueue:
         os.utime(failed)  # failed now: kept keep_seconds from here
         return failed
 
-    def record_sent(self, outbox: Path, destination: str) -> dict[str, Any]:
-        """Forget a sent outbox folder, after one line in results.jsonl says what was sent where."""
+    def record_sent(self, outbox: Path, destination: str) -> str:
+        """Forget a sent outbox folder, after one line in results.jsonl says what was sent where;
+        returns the verdict sent."""
         summary = json.loads((outbox / "summary.json").read_text())
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "destination": destination, **summary}
         with open(self.root / "results.jsonl", "a") as handle:
@@ -212,7 +214,7 @@ class SeriesQueue:
             os.fsync(handle.fileno())
         shutil.rmtree(outbox)
         _remove_if_empty(outbox.parent)
-        return line
+        return str(summary.get("label", ""))
 
     def prune(self, keep_seconds: float, now: float | None = None) -> None:
         """Forget series done or failed more than ``keep_seconds`` ago."""
