@@ -122,10 +122,12 @@ def plot_confusions(matrices: dict, out: Path) -> None:
 
 def flag_rates(classifier, pixels: np.ndarray, labels: np.ndarray) -> dict:
     """How often the outside-the-validated-range flag fires, for which reason, and on the wrong answers."""
+    from braintumor.data.inputs import Slice
     from braintumor.evaluation.evaluate import answer_summary
 
     assessment = classifier.assess(pixels)
-    summary = answer_summary(assessment, labels, classifier.uncertainty_threshold)
+    slices = [Slice(f"<image {k}>", p, f"<image {k}>") for k, p in enumerate(pixels)]
+    summary = answer_summary(classifier.answers(slices, assessment), labels)
     wrong = (assessment.probabilities.argmax(1) != labels)
     if assessment.rejected is not None:
         wrong &= ~assessment.rejected

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from braintumor.cli import app
-from braintumor.evaluation.evaluate import answer_summary
-from braintumor.inference.predict import Assessment, default_weights_path, load_model
+from braintumor.evaluation.evaluate import answer_summary, evaluate
+from braintumor.inference.predict import default_weights_path, load_model
+from braintumor.inference.results import Prediction
 from braintumor.models.checkpoint import load_weights, save_weights
 from braintumor.models.ood import OODGuard, split_guard
 from braintumor.serving.app import create_app
@@ -104,18 +106,43 @@ def test_the_shipped_json_always_carries_both_flags() -> None:
     assert "not_brain_mri" in keys and "outside_validated_range" in keys
 
 
+def _told(label: str, confidence: float, **flags: object) -> Prediction:
+    other = 1 - confidence
+    probabilities = {"a": confidence, "b": other} if label == "a" else {"a": other, "b": confidence}
+    return Prediction("x.png", label, confidence, probabilities, **flags)
+
+
 def test_silent_wrong_answers_are_wrong_and_unflagged() -> None:
-    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.55, 0.45], [0.9, 0.1], [0.1, 0.9]])
-    labels = np.array([1, 1, 1, 1, 1])
-    assessment = Assessment(
-        probabilities,
-        rejected=np.array([True, False, False, False, False]),
-        outside_range=np.array([False, True, False, False, False]),
-    )
-    summary = answer_summary(assessment, labels, threshold=0.6)
+    predictions = [
+        _told("not_brain_mri", 0.9, not_brain_mri=True, uncertain=False),
+        _told("a", 0.9, outside_validated_range=True, outside_validated_range_reason="feature distance"),
+        _told("a", 0.55, uncertain=True),
+        _told("a", 0.9, uncertain=False),
+        _told("b", 0.9, uncertain=False),
+    ]
+    predictions[0].probabilities = {"a": 0.9, "b": 0.1}
+    summary = answer_summary(predictions, np.array([1, 1, 1, 1, 1]))
     # 0: refused; 1: flagged outside range; 2: uncertain; 3: wrong and silent; 4: right
     assert summary["refused_not_brain_mri"]["n"] == 1
-    assert summary["flagged_outside_validated_range"]["n"] == 1
+    assert summary["flagged_outside_validated_range"]["n"] == 1 and summary["flagged_outside_coverage"]["n"] == 0
     assert summary["flagged_uncertain"]["n"] == 1
     assert summary["silent_wrong"]["n"] == 1 and summary["silent_wrong_ignoring_range"]["n"] == 2
     assert summary["accuracy_of_unflagged"] == pytest.approx(0.5)
+
+
+def test_evaluation_counts_the_flags_predict_shows(tmp_path: Path) -> None:
+    """A colour picture in a labelled folder is refused by the evaluation as predict refuses it:
+    the evaluation's answers come from the same code (Classifier.answers)."""
+    grey = np.asarray(Image.open(SCANS[0]).convert("L"), dtype=np.float64)
+    (tmp_path / "glioma").mkdir()
+    tinted = tmp_path / "glioma" / "tinted.png"
+    Image.fromarray(np.stack([grey, grey * 0.55, grey * 0.2], axis=2).astype(np.uint8)).save(tinted)
+    for scan in SCANS[:3]:
+        (tmp_path / "glioma" / scan.name).write_bytes(scan.read_bytes())
+    classifier = load_model(device="cpu")
+    report = evaluate(tmp_path, classifier, bootstrap=0, progress=False)
+    told = {p.path: p for p in classifier.predict(sorted((tmp_path / "glioma").iterdir()))}
+    assert told[str(tinted)].not_brain_mri
+    assert report["answers"]["refused_not_brain_mri"]["n"] == sum(bool(p.not_brain_mri) for p in told.values())
+    uncertain = sum(bool(p.uncertain) and not p.not_brain_mri for p in told.values())
+    assert report["answers"]["flagged_uncertain"]["n"] == uncertain

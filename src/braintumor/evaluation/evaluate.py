@@ -18,7 +18,10 @@ import numpy as np
 
 from ..data.cache import DecodedImages, load_cached
 from ..data.datasets import Sample, is_kaggle_layout, resolve_split_dir, scan_class_folders
+from ..data.inputs import Slice
 from ..inference.predict import Assessment, Classifier, default_weights_path
+from ..inference.results import Prediction, flags_of
+from ..models.slice_kind import COVERAGE_WORDS
 from .metrics import classification_report
 from .plots import plot_confusion_matrix, plot_per_class, plot_reliability, plot_shift_examples, plot_shifts
 
@@ -46,16 +49,15 @@ def evaluate(
     """
     data = Path(data)
     split_dir, samples, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
-    assessment = classifier.assess(decoded.pixels[keep], batch_size=batch_size, progress=progress)
-    probabilities, rejected = assessment.probabilities, assessment.rejected
+    pixels = decoded.pixels[keep]
+    assessment = classifier.assess(pixels, batch_size=batch_size, progress=progress)
+    probabilities = assessment.probabilities
     report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
-    report["answers"] = answer_summary(assessment, labels, classifier.uncertainty_threshold)
-    if rejected is not None:
-        # Metrics above score the tumour class regardless; this counts real scans the guard would refuse.
-        report["rejected_as_not_brain_mri"] = {
-            "n": int(rejected.sum()),
-            "rate": float(rejected.mean()) if len(rejected) else 0.0,
-        }
+    answers = answer_summary(_answers(classifier, samples, keep, decoded, pixels, assessment), labels)
+    report["answers"] = answers
+    if classifier.guard is not None:
+        # Metrics above score the tumour class regardless; this counts real scans the user would see refused.
+        report["rejected_as_not_brain_mri"] = answers["refused_not_brain_mri"]
     if classifier.uncertainty_threshold is not None:
         report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
     if leak_free and is_kaggle_layout(data):
@@ -102,26 +104,32 @@ def _load_labelled(
     return split_dir, samples, decoded, keep, labels
 
 
-def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float | None) -> dict[str, Any]:
-    """What a user would have been told about each scan, and how many wrong answers came with no
-    warning at all: classified (not refused as not brain MRI), confident (not flagged uncertain)
-    and inside the validated range (neither in the guard's distance band nor outside what the
-    training data covers), yet wrong. ``silent_wrong_ignoring_range`` counts the wrong answers
-    that were neither refused nor flagged uncertain, whatever the outside-the-validated-range flag
-    said; ``flagged_outside_coverage`` the
-    answers flagged for the coverage reason (``slice_kind.coverage_reason``)."""
+def _answers(
+    classifier: Classifier, samples: list[Sample], keep: np.ndarray, decoded: DecodedImages, pixels: np.ndarray,
+    assessment: Assessment,
+) -> list[Prediction]:
+    """What ``predict`` would have told the user about each kept image: its pixels as read, its
+    colour share, and the network's assessment, through ``Classifier.answers``."""
+    slices = [Slice(str(samples[i].path), pixels[k], str(samples[i].path), colour_share=float(decoded.colour[i]))
+              for k, i in enumerate(keep)]
+    return classifier.answers(slices, assessment)
+
+
+def answer_summary(predictions: list[Prediction], labels: np.ndarray) -> dict[str, Any]:
+    """What the users were told about each scan (``Classifier.answers``, read by ``flags_of``: the
+    same code path as ``predict``), and how many wrong answers came with no warning at all:
+    classified (not refused as not brain MRI), confident (not flagged uncertain) and inside the
+    validated range (neither in the guard's distance band nor outside what the training data
+    covers), yet wrong. ``silent_wrong_ignoring_range`` counts the wrong answers that were neither
+    refused nor flagged uncertain, whatever the outside-the-validated-range flag said;
+    ``flagged_outside_coverage`` the answers flagged for the coverage reason."""
     n = len(labels)
-    none = np.zeros(n, dtype=bool)
-    refused = none if assessment.rejected is None else assessment.rejected
-    flagged = assessment.outside_validated_range()
-    outside = none if flagged is None else flagged & ~refused
-    covered = None if assessment.coverage is None else np.array([r is None for r in assessment.coverage], dtype=bool)
-    by_coverage = none if covered is None else ~covered & ~refused
-    confidence = assessment.probabilities.max(axis=1) if n else np.zeros(0)
-    uncertain = none if threshold is None else confidence < threshold
-    wrong = assessment.probabilities.argmax(axis=1) != labels if n else none
+    flags = [flags_of(p) for p in predictions]
+    refused, uncertain, outside = (np.array([name in f for f in flags], dtype=bool).reshape(n)
+                                   for name in ("refused", "uncertain", "outside_validated_range"))
+    by_coverage = outside & np.array([_for_coverage(p) for p in predictions], dtype=bool).reshape(n)
     answered = ~refused & ~uncertain
-    silent = wrong & answered & ~outside
+    wrong = _wrong(predictions, labels)
 
     def share(mask: np.ndarray) -> dict[str, float | int]:
         return {"n": int(mask.sum()), "rate": float(mask.mean()) if n else 0.0}
@@ -129,16 +137,30 @@ def answer_summary(assessment: Assessment, labels: np.ndarray, threshold: float 
     return {
         "n_images": n,
         "refused_not_brain_mri": share(refused),
-        "flagged_uncertain": share(uncertain & ~refused),
+        "flagged_uncertain": share(uncertain),
         "flagged_outside_validated_range": share(outside),
         "flagged_outside_coverage": share(by_coverage),
-        "silent_wrong": share(silent),
+        "silent_wrong": share(wrong & answered & ~outside),
         "silent_wrong_ignoring_range": share(wrong & answered),
         "accuracy_of_unflagged": float((~wrong[answered & ~outside]).mean()) if (answered & ~outside).any() else None,
         "definition": (
-            "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range"
+            "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range "
+            "(the flags predict shows)"
         ),
     }
+
+
+def _for_coverage(prediction: Prediction) -> bool:
+    """Flagged outside the validated range because the training data has no counterpart of the
+    slice's kind for its answer (``slice_kind.coverage_reason``'s words)."""
+    return COVERAGE_WORDS in (prediction.outside_validated_range_reason or "")
+
+
+def _wrong(predictions: list[Prediction], labels: np.ndarray) -> np.ndarray:
+    """Whether the network's top class (refused scans included) is not the label."""
+    top = [max(p.probabilities, key=p.probabilities.get) for p in predictions]
+    names = list(predictions[0].probabilities) if predictions else []
+    return np.array([names.index(t) for t in top], dtype=int).reshape(len(labels)) != labels
 
 
 def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -207,11 +229,12 @@ def evaluate_shifts(
 
     names = resolve_shifts(shifts)
     data = Path(data)
-    split_dir, _, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
+    split_dir, samples, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
     pixels = np.asarray(decoded.pixels)[keep]
     assessment = classifier.assess(pixels, batch_size=batch_size, progress=progress)
     reference = assessment.probabilities.argmax(axis=1)
-    baseline = _shift_entry(labels, assessment, reference, classifier)
+    baseline = _shift_entry(labels, assessment, reference, classifier,
+                            _answers(classifier, samples, keep, decoded, pixels, assessment))
     head_share = (pixels > 20).mean(axis=(1, 2))
     example = int(np.argsort(head_share, kind="stable")[len(head_share) // 2]) if len(pixels) else None
     examples = {} if example is None else {f"unshifted ({classifier.class_names[labels[example]]})": pixels[example]}
@@ -221,7 +244,9 @@ def evaluate_shifts(
         started = time.perf_counter()
         shifted = shift(pixels, labels, seed)
         seconds = time.perf_counter() - started
-        entry = _shift_entry(labels, classifier.assess(shifted, batch_size=batch_size), reference, classifier)
+        shifted_assessment = classifier.assess(shifted, batch_size=batch_size)
+        answers = _answers(classifier, samples, keep, decoded, shifted, shifted_assessment)
+        entry = _shift_entry(labels, shifted_assessment, reference, classifier, answers)
         entry["accuracy_change"] = entry["accuracy"] - baseline["accuracy"]
         entry.update({"description": shift.description, "params": shift.params, "random": shift.random,
                       "transform_seconds": round(seconds, 3)})
@@ -258,13 +283,15 @@ def _weights_name(classifier: Classifier) -> str:
 
 
 def _shift_entry(
-    labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier
+    labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier,
+    answers: list[Prediction],
 ) -> dict[str, Any]:
     """The figures of one shift: accuracy, F1, per-class recall, flips against ``reference``,
-    rejections and flags (``answer_summary``)."""
-    probabilities, rejected = assessment.probabilities, assessment.rejected
+    and what the users were told (``answer_summary`` of ``answers``)."""
+    probabilities = assessment.probabilities
     report = classification_report(labels, probabilities, classifier.class_names, bootstrap=0)
     flipped = probabilities.argmax(axis=1) != reference
+    told = answer_summary(answers, labels)
     return {
         "accuracy": report["accuracy"],
         "weighted_f1": report["weighted_f1"],
@@ -273,9 +300,8 @@ def _shift_entry(
         "per_class_recall": {name: row["recall"] for name, row in report["per_class"].items()},
         "flip_rate": float(flipped.mean()) if len(flipped) else 0.0,
         "n_flipped": int(flipped.sum()),
-        "rejected_as_not_brain_mri": None if rejected is None else {
-            "n": int(rejected.sum()), "rate": float(rejected.mean()) if len(rejected) else 0.0},
-        "answers": answer_summary(assessment, labels, classifier.uncertainty_threshold),
+        "rejected_as_not_brain_mri": told["refused_not_brain_mri"] if classifier.guard is not None else None,
+        "answers": told,
         "ece": report.get("ece"),
         "labels": report["labels"],
         "confusion_matrix": report["confusion_matrix"],

@@ -201,9 +201,12 @@ class Classifier:
         if not slices:
             return []
         pixels = np.stack([resize_grey(s.pixels, self.image_size) for s in slices])
-        return self._results(slices, self.assess(pixels, batch_size))
+        return self.answers(slices, self.assess(pixels, batch_size))
 
-    def _results(self, slices: list[Slice], assessment: Assessment) -> list[Prediction]:
+    def answers(self, slices: list[Slice], assessment: Assessment) -> list[Prediction]:
+        """What a user is told about each slice, given the network's ``assessment`` of their pixels:
+        the one place that decides the flags (refused, uncertain, outside the validated range).
+        ``predict``, ``explain``, ``predict_series`` and ``evaluation.evaluate`` all come here."""
         refusals = self._refusals(slices, assessment.rejected)
         return [self._result(s, assessment, k, refusals[k]) for k, s in enumerate(slices)]
 
@@ -401,7 +404,7 @@ class Classifier:
         cams = compute_heatmaps(self.model, resized.numpy(), request, self.preprocessing)
         # The reported prediction comes from the same pass, through the same temperature, guard and
         # TTA as predict's, so the two agree (to float rounding between the backends).
-        predictions = self._results(batch, self._assessment(resized, cams.logits, cams.features, batch_size))
+        predictions = self.answers(batch, self._assessment(resized, cams.logits, cams.features, batch_size))
         for k, (item, prediction) in enumerate(zip(batch, predictions, strict=True)):
             explained = self.class_names[request.target if request.target is not None else int(cams.logits[k].argmax())]
             heatmap = resize_heatmap(cams.heatmaps[k], item.pixels.shape)

@@ -255,6 +255,9 @@ class Coverage:
         return out
 
 
+COVERAGE_WORDS = "in the training data"  # in every coverage reason, and in no other reason for the flag
+
+
 def coverage_reason(kind: SliceKind, answer: str, coverage: Coverage) -> str | None:
     """Why an answer on this kind of slice is outside what the training data covers (None: covered).
 
@@ -270,8 +273,8 @@ def coverage_reason(kind: SliceKind, answer: str, coverage: Coverage) -> str | N
         total = coverage.total(None if answer == NO_TUMOUR else answer)
         if coverage.covers(count, total):
             continue
-        amount = (f"no {what} in the training data is" if count == 0
-                  else f"only {count} of {total} {what} slices in the training data are")
+        amount = (f"no {what} {COVERAGE_WORDS} is" if count == 0
+                  else f"only {count} of {total} {what} slices {COVERAGE_WORDS} are")
         risk = (f"a {words} tumour may be read as notumor" if answer == NO_TUMOUR
                 else f"a {answer} answer on a {words} slice is not validated")
         reasons.append(f"{words} slice: {amount} {words}; {risk}")
