@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from braintumor.inference.predict import load_model
+from braintumor.pacs.sample import write_series
 from braintumor.serving.app import create_app
 from conftest import EXAMPLES, live_server
 
@@ -92,4 +93,38 @@ def test_upload_a_scan_and_read_the_predicted_class(browser, viewport: dict, tmp
         flag = page.locator(".result").first.locator("[data-testid=ood]")
         flag.wait_for(timeout=60_000)
         assert "colour picture" in flag.inner_text()
+        page.close()
+
+
+GLIOMA_SERIES = [EXAMPLES / "notumor" / "Te-no_0229.jpg", EXAMPLES / "glioma" / "Te-glTr_0006.jpg",
+                 EXAMPLES / "glioma" / "Te-gl_0010.jpg", EXAMPLES / "notumor" / "Te-no_0292.jpg"]
+
+
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}], ids=["laptop", "phone"]
+)
+def test_several_dicom_files_show_the_series_verdict_key_slices_and_slice_table(
+    browser, viewport: dict, tmp_path: Path
+) -> None:
+    files = write_series(GLIOMA_SERIES, tmp_path / "series")  # in anatomical order; sent shuffled
+    with live_server(create_app(load_model(device="cpu"))) as url:
+        page = browser.new_page(viewport=viewport)
+        page.goto(url + "/")
+        page.locator("#model").filter(has_text="Testing accuracy").wait_for(timeout=30_000)
+        page.set_input_files("#files", [str(p) for p in (files[2], files[0], files[3], files[1])])
+        card = page.locator("[data-testid=series]").first
+        card.locator("[data-testid=series-verdict]").wait_for(timeout=60_000)
+        assert card.locator("[data-testid=series-verdict]").inner_text() == "glioma"
+        assert "adjacent confident slices (1, 2)" in card.locator("[data-testid=series-reason]").inner_text()
+        assert "Key slices: 1, 2" in card.locator("[data-testid=key-slices]").inner_text()
+        rows = card.locator("[data-testid=slice-table] tr")
+        assert rows.count() == 5  # a header and the four slices, in anatomical order
+        assert [rows.nth(k).locator("td").nth(1).inner_text() for k in range(1, 5)] == [p.name for p in files]
+        assert card.locator("tr.key").count() == 2
+        picture = card.locator("[data-testid=key-pictures] img").first
+        picture.wait_for(timeout=60_000)
+        assert picture.evaluate("i => i.complete && i.naturalWidth > 0")
+        shots = Path(os.environ.get("BRAINTUMOR_SCREENSHOT_DIR", tmp_path))
+        page.screenshot(path=str(shots / f"series-{viewport['width']}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
         page.close()

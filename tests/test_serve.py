@@ -26,7 +26,7 @@ from braintumor.serving.app import ServiceLimits, create_app
 from braintumor.serving.security import LOCAL_HOSTS, AccessPolicy, header_deadline_protocol
 from conftest import EXAMPLES, live_server, local_client, write_dicom
 
-LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4)
+LIMITS = ServiceLimits(max_file_bytes=300_000, max_files=4, max_request_bytes=4 * 300_000 + 2**20)
 SCANS = sorted(EXAMPLES.glob("*/*.jpg"))
 
 

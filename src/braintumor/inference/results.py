@@ -165,7 +165,7 @@ def _longest_runs(locations: list[_Location]) -> dict[str, list[_Location]]:
 
 def series_verdict(ordered: list[Prediction], sequence: str = "unknown") -> tuple[str, str, list[Prediction]]:
     """(label, reason, key slices) of a series' slices in anatomical order, by rules that cannot
-    call a series what its slices do not show (README, "Series verdicts"):
+    call a series what its slices do not show (docs/predicting.md, "Series verdicts"):
 
     1. most slices refused as not brain MRI -> ``not_brain_mri``;
     2. a sequence the model was never trained on (``UNTRAINED_SEQUENCES``) -> ``indeterminate``;
@@ -345,7 +345,7 @@ class SeriesResult:
         return {
             "path": self.path, "n_slices": len(self.slices), "label": self.verdict.label, "reason": self.verdict.reason,
             **described, "key_slices": list(self.verdict.key_slices),
-            "key_paths": [p.path for p in self.key_predictions],
+            "key_paths": [p.path for p in self.key_predictions], "slice_paths": [p.path for p in self.slices],
             **{flag: self.count(flag) for flag in ("refused", "uncertain", "outside_validated_range", "confident")},
             "classes": {label: {"slices": list(c.slices), "max_confidence": c.max_confidence}
                         for label, c in self.classes().items()},

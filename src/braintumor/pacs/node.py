@@ -260,7 +260,8 @@ class DicomNode:
 
 def _summary_line(results: SeriesResults, unreadable: int) -> dict[str, Any]:
     """What results.jsonl keeps of a series: the verdict, what the series is, the slice counts."""
-    line = {k: v for k, v in results.result.summary().items() if k not in ("path", "key_paths", "classes")}
+    left_out = ("path", "key_paths", "slice_paths", "classes")
+    line = {k: v for k, v in results.result.summary().items() if k not in left_out}
     line["unreadable"] = unreadable
     if results.note:
         line["note"] = results.note

@@ -1,17 +1,20 @@
 """The HTTP service: a FastAPI app around one loaded ``Classifier``, and the reading-room page.
 
-Endpoints (OpenAPI docs at ``/docs``):
+Endpoints (the OpenAPI description at ``/openapi.json``; no /docs page, which would load scripts
+from a CDN):
 - ``GET /healthz``: liveness;
-- ``GET /v1/model``: class order, input size, version and metrics from the weights' spec;
+- ``GET /v1/model``: class order, input size, version and metrics from the weights' spec, and the
+  request limits (``ServiceLimits.public``);
 - ``POST /v1/predict``: multipart ``files`` (one or more scans of any type ``predict`` reads),
-  answered with the JSON array of ``braintumor predict --json``: a result per file, the good
+  answered with the JSON objects of ``braintumor predict --json``, each series' verdict first
+  (DICOM files of one series, a volume, a multi-frame file), then a result per slice: the good
   scans classified and a bad one with its error, as the command line does;
 - ``POST /v1/explain``: multipart ``file`` (one scan), answered with the Grad-CAM figure as PNG,
   or with ``?format=json`` the prediction plus the scan and overlay as base64 PNGs;
 - ``GET /``: a self-contained page (no CDN, no web fonts) to drop scans on.
 
 Uploads are decoded from their bytes (this module writes none; Starlette's multipart parser spools a
-file over 1 MiB to the temporary folder until its request ends: README, Serving),
+file over 1 MiB to the temporary folder until its request ends: docs/serving.md),
 named by the client's file name. Model calls run in worker threads (never on the event loop):
 concurrent predictions are batched together (``batcher``), explanations run one at a time on
 their own copy of the network, because Grad-CAM hooks the network it runs on. Every failure is a
@@ -59,12 +62,14 @@ class ServiceLimits:
     body is read; each file's size is checked again while it is read."""
 
     max_file_bytes: int = 32 * 2**20
-    max_files: int = 16
+    max_files: int = 256  # a whole series in one request: its verdict needs every slice at once
+    max_request_bytes: int = 256 * 2**20  # the whole body, multipart headers included
     work_seconds: float = 300.0  # a request's classification is given up (503) after this long
 
-    @property
-    def max_request_bytes(self) -> int:
-        return self.max_files * self.max_file_bytes + 2**20  # room for multipart headers
+    def public(self) -> dict[str, int]:
+        """What a client needs to size its requests (``GET /v1/model``'s ``limits``)."""
+        return {"max_files": self.max_files, "max_file_bytes": self.max_file_bytes,
+                "max_request_bytes": self.max_request_bytes}
 
 
 class ServiceError(Exception):
@@ -247,7 +252,7 @@ def create_app(
     app.add_middleware(MemoryReturn)
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
     app.add_middleware(AccessGuard, policy=policy or AccessPolicy())
-    _add_pages(app, model_info(classifier))
+    _add_pages(app, {**model_info(classifier), "limits": limits.public()})
     _add_predict(app, batcher, limits, CapacityLimiter(max(2, workers)))
     _add_explain(app, app.state.explainer, limits)
     return app
