@@ -108,75 +108,15 @@ def train(
     typer.echo(f"kept epoch {best['epoch']} ({score}); weights in {out / 'best.safetensors'}")
 
 
-def _interval(report: dict, key: str) -> str:
-    """'  95% CI [low, high]' when the report has bootstrap intervals, else nothing."""
-    if key not in report:
-        return ""
-    low, high = report[key]
-    return f"  95% CI [{low:.4f}, {high:.4f}]"
-
-
-def _print_report(report: dict) -> None:
-    """Human-readable summary of an evaluation report."""
-    typer.echo(f"{report['data']} ({report['split']}): {report['n_images']} images, {report['n_skipped']} skipped")
-    typer.echo(
-        f"accuracy     {report['accuracy']:.4f}{_interval(report, 'accuracy_ci95')}  ({report['n_errors']} errors)"
-    )
-    typer.echo(f"weighted F1  {report['weighted_f1']:.4f}{_interval(report, 'weighted_f1_ci95')}")
-    typer.echo(
-        f"macro F1     {report['macro_f1']:.4f}   "
-        f"macro ROC-AUC {report['macro_roc_auc'] or float('nan'):.4f}   ECE {report['ece']:.4f}"
-    )
-    typer.echo(f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
-    for name, row in report["per_class"].items():
-        typer.echo(f"{name:<12}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>9}")
-    typer.echo("confusion matrix (rows true, columns predicted): " + ", ".join(report["labels"]))
-    for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
-        typer.echo(f"  {name:<12}" + "".join(f"{v:>6}" for v in row))
-    if "rejected_as_not_brain_mri" in report:
-        typer.echo(f"rejected as not a brain MRI: {report['rejected_as_not_brain_mri']['n']} real scans "
-                   f"({report['rejected_as_not_brain_mri']['rate']:.2%}); "
-                   "the figures above still score their tumour class")
-    if "uncertainty" in report:
-        flag = report["uncertainty"]
-        typer.echo(f"flagged uncertain (confidence < {flag['threshold']:.3f}): {flag['n_flagged']} scans holding "
-                   f"{flag['errors_flagged']} of the errors; "
-                   f"accuracy on the other {flag['coverage']:.1%}: {flag['accuracy_unflagged']:.4f}")
-    answers = report.get("answers")
-    if answers is not None:
-        typer.echo("outside the validated range (classified, flagged): "
-                   f"{answers['flagged_outside_validated_range']['n']}; "
-                   f"silent wrong answers (wrong, with no flag): {answers['silent_wrong']['n']} "
-                   f"({answers['silent_wrong']['rate']:.2%})")
-    if "leak_free" in report:
-        clean = report["leak_free"]
-        typer.echo(f"leak-free subset ({clean['n_images']} Testing images with no near duplicate in Training): "
-                   f"accuracy {clean['accuracy']:.4f}{_interval(clean, 'accuracy_ci95')}  "
-                   f"weighted F1 {clean['weighted_f1']:.4f}  "
-                   f"({clean['n_errors']} errors)")
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
 
 
 def _shift_names() -> list[str]:
     from .evaluation.shifts import SHIFTS
 
     return list(SHIFTS)
-
-
-def _print_shift_report(report: dict) -> None:
-    """One row per shift: accuracy (and its change), weighted F1, flip rate, share refused as not brain MRI."""
-    typer.echo(f"{report['data']} ({report['split']}): {report['n_images']} images, {report['n_skipped']} skipped, "
-               f"seed {report['seed']}")
-    typer.echo(f"{'shift':<16}{'accuracy':>9}{'change':>8}{'wF1':>8}{'flips':>8}{'rejected':>10}{'outside':>9}{'silent':>8}")
-    rows = [("unshifted", report["baseline"])] + list(report["shifts"].items())
-    for name, row in rows:
-        rejected = row["rejected_as_not_brain_mri"]
-        change = row.get("accuracy_change", 0.0)
-        answers = row["answers"]
-        typer.echo(f"{name:<16}{row['accuracy']:>9.4f}{change:>+8.4f}{row['weighted_f1']:>8.4f}{row['flip_rate']:>8.2%}"
-                   f"{'-' if rejected is None else format(rejected['rate'], '.2%'):>10}"
-                   f"{answers['flagged_outside_validated_range']['rate']:>9.2%}{answers['silent_wrong']['rate']:>8.2%}")
-    typer.echo("flips: share of images whose predicted class differs from the unshifted prediction; outside: flagged "
-               "outside the validated range; silent: wrong with no flag (not refused, not uncertain, not outside)")
 
 
 @app.command()
@@ -207,6 +147,7 @@ def evaluate(
     from .evaluation.evaluate import evaluate as run_evaluation
     from .evaluation.evaluate import evaluate_shifts
     from .evaluation.shifts import resolve_shifts
+    from .evaluation.text import report_lines, shift_report_lines
     from .inference.predict import load_model
 
     _setup_logging()
@@ -227,11 +168,11 @@ def evaluate(
     if json_output:
         typer.echo(json.dumps(report))
     elif names is not None:
-        _print_shift_report(report)
+        _echo_lines(shift_report_lines(report))
         if out is not None:
             typer.echo(f"shifts.json, shifts.png and shift_examples.png in {out}")
     else:
-        _print_report(report)
+        _echo_lines(report_lines(report))
         if out is not None:
             typer.echo(f"report, predictions and figures in {out}")
 
@@ -515,7 +456,7 @@ def audit(
     same across several training sources."""
     from .data.datasets import resolve_split_dir
     from .evaluation.audit import audit as run_audit
-    from .evaluation.audit import write_report
+    from .evaluation.audit import audit_lines, leak_free_paths, write_report
 
     _setup_logging()
     try:
@@ -533,17 +474,10 @@ def audit(
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{out}: cannot write ({exc.strerror})")
-    exact, near = report["exact"], report["near"]
-    typer.echo(f"{report['n_images']} images: {exact['groups']} exact groups ({exact['files_in_groups']} files), "
-               f"{exact['testing_files_with_training_twin']} Testing files with a byte-identical Training twin")
-    typer.echo(f"near (<= {threshold} bits): {near['groups_with_2_or_more']} groups ({near['files_in_groups']} files), "
-               f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
-               f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels")
-    typer.echo(
-        f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images; report in {out / 'audit.md'}"
-    )
+    _echo_lines(audit_lines(report, threshold))
+    typer.echo(f"report in {out / 'audit.md'}")
     if shortcuts:
-        _shortcut_audit(data, out, external, {Path(p).resolve() for p in report["leak_free_testing"]["paths"]})
+        _shortcut_audit(data, out, external, {Path(p).resolve() for p in leak_free_paths(report)})
     if len(sources) > 1:
         _source_audit(sources, out, preprocessing)
     _print_coverage(*coverage)
@@ -664,7 +598,8 @@ def serve(
         False, "--amp", help="bf16/fp16 autocast (torch backend): faster, changes a few borderline predictions."
     ),
     max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
-    max_files: int = typer.Option(16, min=1, help="Most files in one request."),
+    max_files: int = typer.Option(256, min=1, help="Most files in one request (a series' verdict needs them all)."),
+    max_request_mb: float = typer.Option(256.0, min=0.001, help="Largest accepted request body, MiB."),
     workers: int = typer.Option(
         1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."
     ),
@@ -699,7 +634,8 @@ def serve(
         _fail(str(exc))
     import uvicorn
 
-    limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files)
+    limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files,
+                           max_request_bytes=int(max_request_mb * 2**20))
     typer.echo(f"serving {classifier.weights_path} ({classifier.backend}) on http://{host}:{port}/", err=True)
     try:
         hosts = tuple(allow_host) or (*LOCAL_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []))
@@ -779,7 +715,7 @@ def export(
     weights: Optional[Path] = typer.Option(None, help="Weights file to export (default: the shipped model)."),
     int8: bool = typer.Option(
         False, "--int8", help="int8 ONNX (static quantisation, needs --calibration): an option, slower and less "
-        "faithful than fp32 on the CPUs measured (README, Speed).",
+        "faithful than fp32 on the CPUs measured (docs/performance.md).",
     ),
     calibration: Optional[Path] = typer.Option(
         None, help="Data root whose Training split calibrates --int8 (Kaggle layout)."

@@ -173,6 +173,25 @@ def _summarise(
     }
 
 
+def audit_lines(report: dict[str, Any], threshold: int) -> list[str]:
+    """An audit report as lines for a terminal: exact and near groups, twins across the split, the
+    leak-free Testing subset."""
+    exact, near = report["exact"], report["near"]
+    return [
+        f"{report['n_images']} images: {exact['groups']} exact groups ({exact['files_in_groups']} files), "
+        f"{exact['testing_files_with_training_twin']} Testing files with a byte-identical Training twin",
+        f"near (<= {threshold} bits): {near['groups_with_2_or_more']} groups ({near['files_in_groups']} files), "
+        f"{near['testing_files_with_training_near_twin']} Testing files with a Training near twin; "
+        f"{len(near['label_conflict_pairs'])} near pairs with conflicting labels",
+        f"leak-free Testing subset: {report['leak_free_testing']['n_images']} images",
+    ]
+
+
+def leak_free_paths(report: dict[str, Any]) -> list[str]:
+    """The Testing files of an audit report with no exact or near twin in Training."""
+    return list(report["leak_free_testing"]["paths"])
+
+
 def write_report(report: dict[str, Any], out: Path, data_root: Path) -> None:
     """audit.json, audit.md, leak_free_testing.txt and contact-sheet PNGs in ``out``."""
     from .plots import contact_sheet

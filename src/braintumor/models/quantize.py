@@ -1,6 +1,6 @@
 """An int8 ONNX graph: ONNX Runtime's static quantisation of the exported network, calibrated on
 training slices. An option, not the default, because on EfficientNet-B0 it is neither faster nor
-faithful enough on the CPUs we measured (``python benchmarks/precision.py``, README "Speed").
+faithful enough on the CPUs we measured (``python benchmarks/precision.py``, docs/performance.md).
 
 What is quantised, and why: the pointwise (1x1) convolutions, weights per output channel, their
 inputs at the 99.999th percentile of the calibration activations. B0's depthwise and
