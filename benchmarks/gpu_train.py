@@ -65,7 +65,7 @@ def main() -> None:
     images = sum(row["images_per_second"] * row["seconds"] for row in result["history"])
 
     classifier = load_model(args.out / "best.safetensors", device=args.device, amp=args.device == "cuda")
-    report = evaluate(args.data, classifier, out_dir=None, bootstrap=0, progress=False, leak_free=False)
+    report = evaluate(args.data, classifier, out_dir=None, bootstrap=0, progress=False, leak_free=False).to_dict()
     summary = {
         "device": device_name(args.device),
         "torch": torch.__version__,

@@ -32,7 +32,7 @@ def measure(weights: Path, data: TrainingData, groups: dict[str, np.ndarray], pm
     predicted = classifier.predict_pixels(data.pixels[index].numpy()).argmax(1)
     right = predicted == data.labels[index].numpy()
     row: dict = {"weights": str(weights), "val": {name: float(right[mask].mean()) for name, mask in groups.items()}}
-    report = evaluate_shifts(pmram, classifier, "all" if shifts else ["gamma"], progress=False)
+    report = evaluate_shifts(pmram, classifier, "all" if shifts else ["gamma"], progress=False).to_dict()
     row["pmram"] = report["baseline"]["accuracy"]
     refused = report["baseline"]["rejected_as_not_brain_mri"]
     row["pmram_refused"] = None if refused is None else refused["n"]

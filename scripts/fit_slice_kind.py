@@ -127,7 +127,7 @@ def flag_rates(classifier, pixels: np.ndarray, labels: np.ndarray) -> dict:
 
     assessment = classifier.assess(pixels)
     slices = [Slice(f"<image {k}>", p, f"<image {k}>") for k, p in enumerate(pixels)]
-    summary = answer_summary(classifier.answers(slices, assessment), labels)
+    summary = answer_summary(classifier.answers(slices, assessment), labels).to_dict()
     wrong = (assessment.probabilities.argmax(1) != labels)
     if assessment.rejected is not None:
         wrong &= ~assessment.rejected

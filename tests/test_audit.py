@@ -84,5 +84,5 @@ def test_evaluate_leak_free_subset_matches_the_audit(tmp_path: Path) -> None:
         weights,
         {"class_names": ["glioma", "meningioma", "notumor", "pituitary"], "image_size": 32},
     )
-    report = evaluate(root, load_model(weights), bootstrap=0, progress=False)
+    report = evaluate(root, load_model(weights), bootstrap=0, progress=False).to_dict()
     assert report["n_images"] == 8 and report["leak_free"]["n_images"] == 3

@@ -123,11 +123,11 @@ def test_silent_wrong_answers_are_wrong_and_unflagged() -> None:
     predictions[0].probabilities = {"a": 0.9, "b": 0.1}
     summary = answer_summary(predictions, np.array([1, 1, 1, 1, 1]))
     # 0: refused; 1: flagged outside range; 2: uncertain; 3: wrong and silent; 4: right
-    assert summary["refused_not_brain_mri"]["n"] == 1
-    assert summary["flagged_outside_validated_range"]["n"] == 1 and summary["flagged_outside_coverage"]["n"] == 0
-    assert summary["flagged_uncertain"]["n"] == 1
-    assert summary["silent_wrong"]["n"] == 1 and summary["silent_wrong_ignoring_range"]["n"] == 2
-    assert summary["accuracy_of_unflagged"] == pytest.approx(0.5)
+    assert summary.refused_not_brain_mri.n == 1
+    assert summary.flagged_outside_validated_range.n == 1 and summary.flagged_outside_coverage.n == 0
+    assert summary.flagged_uncertain.n == 1
+    assert summary.silent_wrong.n == 1 and summary.silent_wrong_ignoring_range.n == 2
+    assert summary.accuracy_of_unflagged == pytest.approx(0.5)
 
 
 def test_evaluation_counts_the_flags_predict_shows(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_evaluation_counts_the_flags_predict_shows(tmp_path: Path) -> None:
     for scan in SCANS[:3]:
         (tmp_path / "glioma" / scan.name).write_bytes(scan.read_bytes())
     classifier = load_model(device="cpu")
-    report = evaluate(tmp_path, classifier, bootstrap=0, progress=False)
+    report = evaluate(tmp_path, classifier, bootstrap=0, progress=False).to_dict()
     told = {p.path: p for p in classifier.predict(sorted((tmp_path / "glioma").iterdir()))}
     assert told[str(tinted)].not_brain_mri
     assert report["answers"]["refused_not_brain_mri"]["n"] == sum(bool(p.not_brain_mri) for p in told.values())

@@ -107,7 +107,8 @@ def test_resolve_shifts() -> None:
 def test_evaluate_shifts_reports_every_shift_and_writes_the_figures(tmp_path: Path, tiny_weights: Path) -> None:
     root = write_tree(tmp_path / "data", {"glioma": 2, "meningioma": 2, "notumor": 2})
     out = tmp_path / "out"
-    report = evaluate_shifts(root, load_model(tiny_weights, device="cpu"), "all", seed=0, out_dir=out, progress=False)
+    report = evaluate_shifts(root, load_model(tiny_weights, device="cpu"), "all", seed=0, out_dir=out,
+                             progress=False).to_dict()
     assert report["n_images"] == 6 and report["split"] == "all" and report["seed"] == 0
     assert 0.0 <= report["baseline"]["accuracy"] <= 1.0 and report["baseline"]["flip_rate"] == 0.0
     assert list(report["shifts"]) == list(SHIFTS)

@@ -147,7 +147,6 @@ def evaluate(
     from .evaluation.evaluate import evaluate as run_evaluation
     from .evaluation.evaluate import evaluate_shifts
     from .evaluation.shifts import resolve_shifts
-    from .evaluation.text import report_lines, shift_report_lines
     from .inference.predict import load_model
 
     _setup_logging()
@@ -166,13 +165,13 @@ def evaluate(
     except BraintumorError as exc:
         _fail(str(exc))
     if json_output:
-        typer.echo(json.dumps(report))
+        typer.echo(json.dumps(report.to_dict()))
     elif names is not None:
-        _echo_lines(shift_report_lines(report))
+        _echo_lines(report.lines())
         if out is not None:
             typer.echo(f"shifts.json, shifts.png and shift_examples.png in {out}")
     else:
-        _echo_lines(report_lines(report))
+        _echo_lines(report.lines())
         if out is not None:
             typer.echo(f"report, predictions and figures in {out}")
 

@@ -24,6 +24,7 @@ from ..inference.results import Prediction, flags_of
 from ..models.slice_kind import COVERAGE_WORDS
 from .metrics import classification_report
 from .plots import plot_confusion_matrix, plot_per_class, plot_reliability, plot_shift_examples, plot_shifts
+from .report import Answers, EvaluationReport, Share, ShiftEntry, ShiftReport, Source, Subset, Uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def evaluate(
     cache_dir: Path | None = None,
     progress: bool = True,
     leak_free: bool = True,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Classify every labelled image under ``data`` and report the metrics (see ``metrics``).
 
     On a Kaggle layout with ``leak_free`` on, the report also holds ``leak_free``: the same figures
@@ -51,43 +52,41 @@ def evaluate(
     split_dir, samples, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
     pixels = decoded.pixels[keep]
     assessment = classifier.assess(pixels, batch_size=batch_size, progress=progress)
-    probabilities = assessment.probabilities
-    report = classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap)
-    answers = answer_summary(_answers(classifier, samples, keep, decoded, pixels, assessment), labels)
-    report["answers"] = answers
-    if classifier.guard is not None:
-        # Metrics above score the tumour class regardless; this counts real scans the user would see refused.
-        report["rejected_as_not_brain_mri"] = answers["refused_not_brain_mri"]
-    if classifier.uncertainty_threshold is not None:
-        report["uncertainty"] = uncertainty_summary(probabilities, labels, classifier.uncertainty_threshold)
-    if leak_free and is_kaggle_layout(data):
-        from .audit import training_twins
-
-        kept_paths = [samples[i].path for i in keep]
-        clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
-        report["leak_free"] = classification_report(
-            labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap
-        )
-        report["leak_free"]["definition"] = (
-            "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training"
-        )
-        if classifier.uncertainty_threshold is not None:
-            report["leak_free"]["uncertainty"] = uncertainty_summary(
-                probabilities[clean], labels[clean], classifier.uncertainty_threshold
-            )
-    report.update({
-        "data": str(split_dir),
-        "split": "Testing" if is_kaggle_layout(data) else "all",
-        "weights": (
-            "shipped model" if classifier.weights_path == default_weights_path() else str(classifier.weights_path)
-        ),
-        "tta": classifier.tta,
-        "n_skipped": len(decoded.errors),
-        "skipped": decoded.errors,
-    })
+    probabilities, threshold = assessment.probabilities, classifier.uncertainty_threshold
+    report = EvaluationReport(
+        metrics=classification_report(labels, probabilities, classifier.class_names, bootstrap=bootstrap),
+        answers=answer_summary(_answers(classifier, samples, keep, decoded, pixels, assessment), labels),
+        source=_source(split_dir, data, classifier, decoded.errors),
+        uncertainty=None if threshold is None else uncertainty_summary(probabilities, labels, threshold),
+        leak_free=_leak_free(data, samples, keep, decoded, labels, probabilities, classifier, bootstrap)
+        if leak_free and is_kaggle_layout(data) else None,
+        guarded=classifier.guard is not None,
+    )
     if out_dir is not None:
         write_outputs(out_dir, report, [samples[i].path for i in keep], labels, probabilities, classifier.class_names)
     return report
+
+
+def _source(split_dir: Path, data: Path, classifier: Classifier, skipped: list[str]) -> Source:
+    return Source(str(split_dir), "Testing" if is_kaggle_layout(data) else "all", _weights_name(classifier),
+                  classifier.tta, list(skipped))
+
+
+def _leak_free(
+    data: Path, samples: list[Sample], keep: np.ndarray, decoded: DecodedImages, labels: np.ndarray,
+    probabilities: np.ndarray, classifier: Classifier, bootstrap: int,
+) -> Subset:
+    """The figures on the Testing images with no exact or near duplicate in Training (``audit``)."""
+    from .audit import training_twins
+
+    kept_paths = [samples[i].path for i in keep]
+    clean = ~training_twins(data, kept_paths, np.asarray(decoded.pixels)[keep])
+    threshold = classifier.uncertainty_threshold
+    return Subset(
+        classification_report(labels[clean], probabilities[clean], classifier.class_names, bootstrap=bootstrap),
+        "Testing images with no byte-identical or perceptual-hash (<= 4 bits) twin in Training",
+        None if threshold is None else uncertainty_summary(probabilities[clean], labels[clean], threshold),
+    )
 
 
 def _load_labelled(
@@ -115,7 +114,7 @@ def _answers(
     return classifier.answers(slices, assessment)
 
 
-def answer_summary(predictions: list[Prediction], labels: np.ndarray) -> dict[str, Any]:
+def answer_summary(predictions: list[Prediction], labels: np.ndarray) -> Answers:
     """What the users were told about each scan (``Classifier.answers``, read by ``flags_of``: the
     same code path as ``predict``), and how many wrong answers came with no warning at all:
     classified (not refused as not brain MRI), confident (not flagged uncertain) and inside the
@@ -131,23 +130,20 @@ def answer_summary(predictions: list[Prediction], labels: np.ndarray) -> dict[st
     answered = ~refused & ~uncertain
     wrong = _wrong(predictions, labels)
 
-    def share(mask: np.ndarray) -> dict[str, float | int]:
-        return {"n": int(mask.sum()), "rate": float(mask.mean()) if n else 0.0}
+    def share(mask: np.ndarray) -> Share:
+        return Share(int(mask.sum()), float(mask.mean()) if n else 0.0)
 
-    return {
-        "n_images": n,
-        "refused_not_brain_mri": share(refused),
-        "flagged_uncertain": share(uncertain),
-        "flagged_outside_validated_range": share(outside),
-        "flagged_outside_coverage": share(by_coverage),
-        "silent_wrong": share(wrong & answered & ~outside),
-        "silent_wrong_ignoring_range": share(wrong & answered),
-        "accuracy_of_unflagged": float((~wrong[answered & ~outside]).mean()) if (answered & ~outside).any() else None,
-        "definition": (
-            "silent_wrong: wrong, not refused, not flagged uncertain, not flagged outside the validated range "
-            "(the flags predict shows)"
-        ),
-    }
+    unflagged = answered & ~outside
+    return Answers(
+        n_images=n,
+        refused_not_brain_mri=share(refused),
+        flagged_uncertain=share(uncertain),
+        flagged_outside_validated_range=share(outside),
+        flagged_outside_coverage=share(by_coverage),
+        silent_wrong=share(wrong & unflagged),
+        silent_wrong_ignoring_range=share(wrong & answered),
+        accuracy_of_unflagged=float((~wrong[unflagged]).mean()) if unflagged.any() else None,
+    )
 
 
 def _for_coverage(prediction: Prediction) -> bool:
@@ -163,23 +159,23 @@ def _wrong(predictions: list[Prediction], labels: np.ndarray) -> np.ndarray:
     return np.array([names.index(t) for t in top], dtype=int).reshape(len(labels)) != labels
 
 
-def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> Uncertainty:
     """How many scans the refer-to-a-radiologist flag catches, and the accuracy on the rest."""
     confident = probabilities.max(axis=1) >= threshold
     correct = probabilities.argmax(axis=1) == labels
-    return {
-        "threshold": threshold,
-        "n_flagged": int((~confident).sum()),
-        "coverage": float(confident.mean()) if len(labels) else 0.0,
-        "accuracy_unflagged": float(correct[confident].mean()) if confident.any() else None,
-        "errors_flagged": int((~correct & ~confident).sum()),
-        "errors_unflagged": int((~correct & confident).sum()),
-    }
+    return Uncertainty(
+        threshold=threshold,
+        n_flagged=int((~confident).sum()),
+        coverage=float(confident.mean()) if len(labels) else 0.0,
+        accuracy_unflagged=float(correct[confident].mean()) if confident.any() else None,
+        errors_flagged=int((~correct & ~confident).sum()),
+        errors_unflagged=int((~correct & confident).sum()),
+    )
 
 
 def write_outputs(
     out_dir: Path,
-    report: dict[str, Any],
+    report: EvaluationReport,
     paths: list[Path],
     labels: np.ndarray,
     probabilities: np.ndarray,
@@ -187,16 +183,17 @@ def write_outputs(
 ) -> None:
     """report.json, predictions.csv, confusion_matrix.png, per_class.png and reliability.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", "confidence", *class_names])
         for path, label, row in zip(paths, labels, probabilities, strict=True):
             predicted = class_names[int(row.argmax())]
             writer.writerow([path, class_names[label], predicted, f"{row.max():.6f}", *(f"{p:.6f}" for p in row)])
-    title = f"{report['split']} split: accuracy {report['accuracy']:.4f} (n={report['n_images']})"
-    plot_confusion_matrix(report["confusion_matrix"], report["labels"], out_dir / "confusion_matrix.png", title)
-    plot_per_class(report["per_class"], out_dir / "per_class.png")
+    m = report.metrics
+    title = f"{report.source.split} split: accuracy {m.accuracy:.4f} (n={m.n_images})"
+    plot_confusion_matrix(m.confusion_matrix, m.labels, out_dir / "confusion_matrix.png", title)
+    plot_per_class(m.per_class, out_dir / "per_class.png")
     plot_reliability(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels, out_dir / "reliability.png")
 
 
@@ -209,7 +206,7 @@ def evaluate_shifts(
     out_dir: Path | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> ShiftReport:
     """Accuracy of the classifier on the same images as ``evaluate``, unshifted and under each shift.
 
     Every shift (``shifts.SHIFTS``) changes how the scans look, never their labels, so each entry
@@ -231,51 +228,59 @@ def evaluate_shifts(
     data = Path(data)
     split_dir, samples, decoded, keep, labels = _load_labelled(data, classifier, cache_dir, progress)
     pixels = np.asarray(decoded.pixels)[keep]
-    assessment = classifier.assess(pixels, batch_size=batch_size, progress=progress)
-    reference = assessment.probabilities.argmax(axis=1)
-    baseline = _shift_entry(labels, assessment, reference, classifier,
-                            _answers(classifier, samples, keep, decoded, pixels, assessment))
-    head_share = (pixels > 20).mean(axis=(1, 2))
-    example = int(np.argsort(head_share, kind="stable")[len(head_share) // 2]) if len(pixels) else None
-    examples = {} if example is None else {f"unshifted ({classifier.class_names[labels[example]]})": pixels[example]}
-    results: dict[str, dict[str, Any]] = {}
+
+    def entry(
+        images: np.ndarray, reference: np.ndarray | None, shift: dict[str, Any] | None = None
+    ) -> tuple[ShiftEntry, np.ndarray]:
+        """The entry of ``images`` and their predicted classes."""
+        assessment = classifier.assess(images, batch_size=batch_size, progress=progress and reference is None)
+        answers = _answers(classifier, samples, keep, decoded, images, assessment)
+        return (_shift_entry(labels, assessment, reference, classifier, answers, shift),
+                assessment.probabilities.argmax(axis=1))
+
+    baseline, reference = entry(pixels, None)
+    examples = _example(pixels, labels, classifier.class_names)
+    results: dict[str, ShiftEntry] = {}
     for name in tqdm(names, desc="shifts", unit="shift", disable=not progress, leave=False):
         shift = SHIFTS[name]
         started = time.perf_counter()
         shifted = shift(pixels, labels, seed)
-        seconds = time.perf_counter() - started
-        shifted_assessment = classifier.assess(shifted, batch_size=batch_size)
-        answers = _answers(classifier, samples, keep, decoded, shifted, shifted_assessment)
-        entry = _shift_entry(labels, shifted_assessment, reference, classifier, answers)
-        entry["accuracy_change"] = entry["accuracy"] - baseline["accuracy"]
-        entry.update({"description": shift.description, "params": shift.params, "random": shift.random,
-                      "transform_seconds": round(seconds, 3)})
-        results[name] = entry
+        applied = {"description": shift.description, "params": shift.params, "random": shift.random,
+                   "transform_seconds": round(time.perf_counter() - started, 3)}
+        results[name] = entry(shifted, reference, applied)[0]
         logger.info("shift %s: accuracy %.4f (unshifted %.4f), flip rate %.4f",
-                    name, entry["accuracy"], baseline["accuracy"], entry["flip_rate"])
-        if example is not None:
-            examples[name] = shifted[example]
-    report = {
-        "data": str(split_dir),
-        "split": "Testing" if is_kaggle_layout(data) else "all",
-        "weights": _weights_name(classifier),
-        "tta": classifier.tta,
-        "seed": seed,
-        "n_images": len(labels),
-        "n_skipped": len(decoded.errors),
-        "skipped": decoded.errors,
-        "flip_rate_definition": "share of images whose predicted class differs from the unshifted prediction",
-        "baseline": baseline,
-        "shifts": results,
-    }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "shifts.json").write_text(json.dumps(report, indent=2))
-        title = f"Accuracy under appearance shifts: {len(labels)} images ({report['split']}), seed {seed}"
-        plot_shifts(baseline["accuracy"], results, out_dir / "shifts.png", title)
+                    name, results[name].metrics.accuracy, baseline.metrics.accuracy, results[name].flipped.rate)
         if examples:
-            plot_shift_examples(examples, out_dir / "shift_examples.png", f"seed {seed}; labels never change")
+            examples[name] = shifted[_middle(pixels)]
+    report = ShiftReport(_source(split_dir, data, classifier, decoded.errors), seed, baseline, results)
+    if out_dir is not None:
+        _write_shift_outputs(out_dir, report, examples)
     return report
+
+
+def _middle(pixels: np.ndarray) -> int:
+    """The image with the median share of head pixels: a typical slice to show every shift on."""
+    head_share = (pixels > 20).mean(axis=(1, 2))
+    return int(np.argsort(head_share, kind="stable")[len(head_share) // 2])
+
+
+def _example(pixels: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, np.ndarray]:
+    if not len(pixels):
+        return {}
+    k = _middle(pixels)
+    return {f"unshifted ({class_names[labels[k]]})": pixels[k]}
+
+
+def _write_shift_outputs(out_dir: Path, report: ShiftReport, examples: dict[str, np.ndarray]) -> None:
+    """shifts.json, shifts.png and shift_examples.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shifts.json").write_text(json.dumps(report.to_dict(), indent=2))
+    n, seed = report.baseline.metrics.n_images, report.seed
+    title = f"Accuracy under appearance shifts: {n} images ({report.source.split}), seed {seed}"
+    bars = {name: (e.metrics.accuracy, e.flipped.rate) for name, e in report.shifts.items()}
+    plot_shifts(report.baseline.metrics.accuracy, bars, out_dir / "shifts.png", title)
+    if examples:
+        plot_shift_examples(examples, out_dir / "shift_examples.png", f"seed {seed}; labels never change")
 
 
 def _weights_name(classifier: Classifier) -> str:
@@ -283,26 +288,17 @@ def _weights_name(classifier: Classifier) -> str:
 
 
 def _shift_entry(
-    labels: np.ndarray, assessment: Assessment, reference: np.ndarray, classifier: Classifier,
-    answers: list[Prediction],
-) -> dict[str, Any]:
-    """The figures of one shift: accuracy, F1, per-class recall, flips against ``reference``,
-    and what the users were told (``answer_summary`` of ``answers``)."""
-    probabilities = assessment.probabilities
-    report = classification_report(labels, probabilities, classifier.class_names, bootstrap=0)
-    flipped = probabilities.argmax(axis=1) != reference
-    told = answer_summary(answers, labels)
-    return {
-        "accuracy": report["accuracy"],
-        "weighted_f1": report["weighted_f1"],
-        "macro_f1": report["macro_f1"],
-        "n_errors": report["n_errors"],
-        "per_class_recall": {name: row["recall"] for name, row in report["per_class"].items()},
-        "flip_rate": float(flipped.mean()) if len(flipped) else 0.0,
-        "n_flipped": int(flipped.sum()),
-        "rejected_as_not_brain_mri": told["refused_not_brain_mri"] if classifier.guard is not None else None,
-        "answers": told,
-        "ece": report.get("ece"),
-        "labels": report["labels"],
-        "confusion_matrix": report["confusion_matrix"],
-    }
+    labels: np.ndarray, assessment: Assessment, reference: np.ndarray | None, classifier: Classifier,
+    answers: list[Prediction], shift: dict[str, Any] | None = None,
+) -> ShiftEntry:
+    """The figures of one shift: accuracy, F1, per-class recall, flips against ``reference`` (the
+    unshifted classes; None: this is the unshifted entry), and what the users were told."""
+    predicted = assessment.probabilities.argmax(axis=1)
+    flipped = np.zeros(len(labels), dtype=bool) if reference is None else predicted != reference
+    return ShiftEntry(
+        metrics=classification_report(labels, assessment.probabilities, classifier.class_names, bootstrap=0),
+        flipped=Share(int(flipped.sum()), float(flipped.mean()) if len(flipped) else 0.0),
+        answers=answer_summary(answers, labels),
+        guarded=classifier.guard is not None,
+        shift=shift,
+    )

@@ -8,6 +8,7 @@ error, and percentile-bootstrap 95% intervals for accuracy and weighted F1.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -56,13 +57,52 @@ def _roc_auc(y_true: np.ndarray, probabilities: np.ndarray, labels: list[int]) -
     return aucs
 
 
+@dataclass(frozen=True)
+class ClassFigures:
+    """One class's precision, recall, F1, support and one-vs-rest ROC-AUC (None: not computable)."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    roc_auc: float | None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Every published figure of labels against probabilities (``classification_report``); the
+    bootstrap intervals are None when not computed. ``to_dict`` is the JSON of report.json."""
+
+    n_images: int
+    labels: list[str]  # the confusion matrix's rows and columns
+    accuracy: float
+    weighted_f1: float
+    macro_f1: float
+    per_class: dict[str, ClassFigures]
+    confusion_matrix: list[list[int]]
+    n_errors: int
+    ece: float
+    macro_roc_auc: float | None
+    accuracy_ci95: tuple[float, float] | None = None
+    weighted_f1_ci95: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = asdict(self)
+        for key in ("accuracy_ci95", "weighted_f1_ci95"):
+            if figures[key] is None:
+                del figures[key]
+            else:
+                figures[key] = list(figures[key])
+        return figures
+
+
 def classification_report(
     y_true: np.ndarray,
     probabilities: np.ndarray,
     class_names: list[str],
     bootstrap: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> Metrics:
     """Every published figure for true labels (N,) and class probabilities (N, C).
 
     Classes absent from ``y_true`` (a subset evaluation) are left out of the averages and of
@@ -78,29 +118,24 @@ def classification_report(
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
     aucs = _roc_auc(y_true, probabilities, present)
     per_class = {
-        class_names[label]: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-            "roc_auc": aucs[label],
-        }
+        class_names[label]: ClassFigures(float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]),
+                                         aucs[label])
         for i, label in enumerate(present)
     }
-    report: dict[str, Any] = {
-        "n_images": int(len(y_true)),
-        "labels": [class_names[label] for label in shown],
-        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=shown).tolist(),
-        "n_errors": int((y_true != y_pred).sum()),
-        "ece": expected_calibration_error(y_true, probabilities),
-    }
     valid_aucs = [a for a in aucs.values() if a is not None]
-    report["macro_roc_auc"] = float(np.mean(valid_aucs)) if valid_aucs else None
-    if bootstrap > 0:
-        report["accuracy_ci95"] = list(bootstrap_interval(y_true, y_pred, "accuracy", bootstrap, seed))
-        report["weighted_f1_ci95"] = list(bootstrap_interval(y_true, y_pred, "weighted_f1", bootstrap, seed))
-    return report
+    intervals = (bootstrap_interval(y_true, y_pred, "accuracy", bootstrap, seed),
+                 bootstrap_interval(y_true, y_pred, "weighted_f1", bootstrap, seed)) if bootstrap > 0 else (None, None)
+    return Metrics(
+        n_images=int(len(y_true)),
+        labels=[class_names[label] for label in shown],
+        accuracy=float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        weighted_f1=float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        per_class=per_class,
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=shown).tolist(),
+        n_errors=int((y_true != y_pred).sum()),
+        ece=expected_calibration_error(y_true, probabilities),
+        macro_roc_auc=float(np.mean(valid_aucs)) if valid_aucs else None,
+        accuracy_ci95=intervals[0],
+        weighted_f1_ci95=intervals[1],
+    )

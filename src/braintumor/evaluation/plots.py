@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from .metrics import ClassFigures
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -47,17 +50,17 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path
     plt.close(fig)
 
 
-def plot_per_class(per_class: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_per_class(per_class: dict[str, ClassFigures], path: Path) -> None:
     """Precision, recall and F1 for each class as grouped bars, zoomed to where the bars differ."""
     names = list(per_class)
     metrics = ("precision", "recall", "f1")
-    values = np.array([[per_class[name][m] for m in metrics] for name in names])
+    values = np.array([[getattr(per_class[name], m) for m in metrics] for name in names])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.25
     for offset, metric in enumerate(metrics):
         bars = ax.bar(np.arange(len(names)) + (offset - 1) * width, values[:, offset], width, label=metric)
         ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
-    ax.set_xticks(range(len(names)), [f"{n}\n(n={per_class[n]['support']})" for n in names])
+    ax.set_xticks(range(len(names)), [f"{n}\n(n={per_class[n].support})" for n in names])
     ax.set_ylim(max(0.0, float(values.min()) - 0.05), 1.01)
     ax.set(ylabel="score", title="Per-class precision, recall and F1")
     ax.legend(loc="lower right")
@@ -112,16 +115,18 @@ def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, bi
     plt.close(fig)
 
 
-def plot_shifts(baseline: float, shifts: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy under each appearance shift as bars, the unshifted accuracy as a line, flip rates on top."""
+def plot_shifts(baseline: float, shifts: dict[str, tuple[float, float]], path: Path, title: str) -> None:
+    """Accuracy under each appearance shift (``shifts``: name -> (accuracy, flip rate)) as bars,
+    the unshifted accuracy as a line, flip rates on top."""
     names = list(shifts)
-    accuracies = [shifts[n]["accuracy"] for n in names]
+    accuracies = [shifts[n][0] for n in names]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2), 4.4))
     colours = ["tab:red" if a < baseline - 0.05 else "tab:blue" for a in accuracies]
     bars = ax.bar(range(len(names)), accuracies, color=colours)
     ax.axhline(baseline, color="black", linestyle="--", linewidth=1)
     for bar, name in zip(bars, names, strict=True):
-        text = f"{shifts[name]['accuracy']:.3f}\nflip {shifts[name]['flip_rate']:.1%}"
+        accuracy, flip_rate = shifts[name]
+        text = f"{accuracy:.3f}\nflip {flip_rate:.1%}"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), textcoords="offset points",
                     xytext=(0, 2), ha="center", va="bottom", fontsize=7,
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.5})

@@ -154,8 +154,8 @@ def evaluate(
     report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(), class_names, bootstrap=0)
     result: dict[str, Any] = {
         "loss": float(F.cross_entropy(logits, labels)),
-        "accuracy": report["accuracy"],
-        "weighted_f1": report["weighted_f1"],
+        "accuracy": report.accuracy,
+        "weighted_f1": report.weighted_f1,
     }
     if groups is not None:
         right = logits.argmax(1) == labels
