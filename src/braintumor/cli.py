@@ -356,7 +356,7 @@ def _write_dicom_results(
     from .pacs.report import ModelIdentity, dicom_results
 
     for result in collected.results():
-        if result.kind.series_uid is None:
+        if all(p.dicom is None for p in result.slices):
             typer.echo(f"{result.path}: not DICOM, so no DICOM results", err=True)
     model, failed = ModelIdentity.of(classifier), 0
     for series, result in judged:
