@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from typer.testing import CliRunner
@@ -19,7 +20,7 @@ from braintumor.models import checkpoint
 from braintumor.pacs.node import DicomNode, NodeSettings
 from braintumor.pacs.report import ModelIdentity, dicom_results
 from braintumor.pacs.sample import write_series
-from conftest import EXAMPLES
+from conftest import EXAMPLES, write_dicom
 
 runner = CliRunner()
 GLIOMA_SERIES = [EXAMPLES / "notumor" / "Te-no_0229.jpg", EXAMPLES / "glioma" / "Te-glTr_0006.jpg",
@@ -122,3 +123,14 @@ def test_the_node_reads_each_instance_once_and_hashes_the_weights_once(
     for _ in range(3):
         ModelIdentity.of(classifier)
     assert checkpoint._sha256_of.cache_info().misses == 1  # the weights file is hashed once per process
+
+
+def test_dicom_out_names_a_series_without_a_series_uid_once_by_its_reason(tmp_path: Path) -> None:
+    scan = write_dicom(tmp_path / "frames.dcm", np.stack([np.eye(64) * 900, np.ones((64, 64)) * 300]))
+    assert "SeriesInstanceUID" not in pydicom.dcmread(scan, stop_before_pixels=True)
+    result = runner.invoke(app, ["predict", str(scan), "--dicom-out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "need a DICOM series with a SeriesInstanceUID" in result.output and "not DICOM" not in result.output
+    assert "results of 1 series could not be written" in result.output
+    assert "could not be classified" not in result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))

@@ -248,10 +248,12 @@ def predict(
         _echo_series(series.results(), json_output, first)
         if json_output:
             typer.echo("\n]")
-    if dicom_out is not None:
-        failures += _write_dicom_results(judged, series, classifier, dicom_out)
+    unwritten = _write_dicom_results(judged, series, classifier, dicom_out) if dicom_out is not None else 0
     if failures:
         typer.echo(f"{failures} input(s) could not be classified", err=True)
+    if unwritten:
+        typer.echo(f"the DICOM results of {unwritten} series could not be written", err=True)
+    if failures or unwritten:
         raise typer.Exit(1)
 
 
