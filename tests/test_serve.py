@@ -99,6 +99,22 @@ def test_predict_reads_dicom_frames_and_nifti_volumes(client: TestClient, tmp_pa
     assert frames["summary"]["n_slices"] == 2 and frames["reason"]  # a multi-frame file gets a verdict too
 
 
+def test_predict_answers_a_series_of_dicom_files_with_its_verdict_first(client: TestClient, tmp_path: Path) -> None:
+    from braintumor.pacs.sample import write_series
+
+    names = ["notumor/Te-no_0229.jpg", "glioma/Te-glTr_0006.jpg", "glioma/Te-gl_0010.jpg", "notumor/Te-no_0292.jpg"]
+    files = write_series([EXAMPLES / n for n in names], tmp_path)  # in anatomical order; sent shuffled
+    response = client.post("/v1/predict", files=[_upload(files[k]) for k in (2, 0, 3, 1)])
+    assert response.status_code == 200, response.text
+    verdict, *slices = response.json()
+    assert verdict["kind"] == "series" and verdict["label"] == "glioma" and verdict["confidence"] > 0.9
+    assert verdict["summary"]["slice_paths"] == [p.name for p in files]
+    assert verdict["summary"]["key_paths"] == [files[1].name, files[2].name]
+    assert [o["path"] for o in slices] == [files[k].name for k in (2, 0, 3, 1)]  # slices as sent
+    assert client.get("/v1/model").json()["limits"] == {"max_files": 4, "max_file_bytes": 300_000,
+                                                        "max_request_bytes": 4 * 300_000 + 2**20}
+
+
 def _truncated_jpeg() -> bytes:
     return SCANS[0].read_bytes()[:2000]
 
