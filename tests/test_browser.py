@@ -121,10 +121,36 @@ def test_several_dicom_files_show_the_series_verdict_key_slices_and_slice_table(
         assert rows.count() == 5  # a header and the four slices, in anatomical order
         assert [rows.nth(k).locator("td").nth(1).inner_text() for k in range(1, 5)] == [p.name for p in files]
         assert card.locator("tr.key").count() == 2
-        picture = card.locator("[data-testid=key-pictures] img").first
-        picture.wait_for(timeout=60_000)
-        assert picture.evaluate("i => i.complete && i.naturalWidth > 0")
+        pictures = card.locator("[data-testid=key-pictures] img")
+        pictures.nth(1).wait_for(timeout=60_000)  # one heat map per key slice
+        assert all(pictures.nth(k).evaluate("i => i.complete && i.naturalWidth > 0") for k in range(2))
         shots = Path(os.environ.get("BRAINTUMOR_SCREENSHOT_DIR", tmp_path))
         page.screenshot(path=str(shots / f"series-{viewport['width']}.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+        page.close()
+
+
+def test_a_study_with_repeated_file_names_and_a_broken_file_keeps_each_result_with_its_file(
+    browser, tmp_path: Path
+) -> None:
+    """Files of one name from different folders (SE1/IM1, SE2/IM1) never lend each other a heat map,
+    and a file that belongs to no series still gets its own card with its reason."""
+    files = write_series(GLIOMA_SERIES, tmp_path / "series")
+    broken = files[0].read_bytes()[:-5000]
+    uploads = [{"name": "IM1.dcm", "mimeType": "application/dicom", "buffer": p.read_bytes()} for p in files[::-1]]
+    uploads.append({"name": "broken.dcm", "mimeType": "application/dicom", "buffer": broken})
+    with live_server(create_app(load_model(device="cpu"))) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url + "/")
+        page.locator("#model").filter(has_text="Testing accuracy").wait_for(timeout=30_000)
+        page.set_input_files("#files", uploads)
+        card = page.locator("[data-testid=series]").first
+        card.locator("[data-testid=series-verdict]").wait_for(timeout=60_000)
+        assert card.locator("[data-testid=series-verdict]").inner_text() == "glioma"
+        assert card.locator("[data-testid=slice-table] tr").count() == 5
+        captions = card.locator("[data-testid=key-pictures] figcaption")
+        captions.nth(1).wait_for(timeout=60_000)
+        assert all("glioma" in captions.nth(k).inner_text() for k in range(2))  # the key slices' own pictures
+        error = page.locator("[data-testid=error]").first
+        assert "broken.dcm" in error.inner_text() and "cannot decode" in error.inner_text()
         page.close()

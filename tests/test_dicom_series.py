@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from braintumor.cli import app
 from braintumor.data import inputs as inputs_module
 from braintumor.data.dicom_series import read_dicom_series
-from braintumor.inference.predict import load_model
+from braintumor.inference.predict import default_weights_path, load_model
 from braintumor.models import checkpoint
 from braintumor.pacs.node import DicomNode, NodeSettings
-from braintumor.pacs.report import ModelIdentity, dicom_results
+from braintumor.pacs.report import NO_HEATMAP, ModelIdentity, dicom_results
 from braintumor.pacs.sample import write_series
 from conftest import EXAMPLES, write_dicom
 
@@ -134,3 +134,23 @@ def test_dicom_out_names_a_series_without_a_series_uid_once_by_its_reason(tmp_pa
     assert "results of 1 series could not be written" in result.output
     assert "could not be classified" not in result.output
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_dicom_out_with_an_onnx_file_writes_the_sr_and_says_why_there_is_no_picture(
+    series_files: list[Path], tmp_path: Path
+) -> None:
+    onnx = default_weights_path().with_suffix(".onnx")
+    out = tmp_path / "out"
+    arguments = ["predict", str(series_files[0].parent), "--dicom-out", str(out), "--weights", str(onnx)]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    [sr] = list(out.rglob("*.dcm"))
+    assert pydicom.dcmread(sr).Modality == "SR" and NO_HEATMAP in result.output
+
+
+def test_a_hash_sign_in_a_folder_name_is_part_of_the_path(tmp_path: Path) -> None:
+    files = write_series(GLIOMA_SERIES, tmp_path / "MR #1")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(files[0].parent), "--dicom-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.rglob("*.dcm"))) == 2 and f"DICOM results of {files[0].parent}:" in result.output

@@ -63,6 +63,8 @@ def test_heat_map_names_stay_short_and_unique() -> None:
     first, second = _png_name("a" * 300 + "1.jpg", used), _png_name("a" * 300 + "2.jpg", used)
     assert first != second and all(len(n.encode()) <= 200 for n in (first, second))
     assert _png_name(NOT_UTF8, used) == "scan-__.jpg.png"
+    assert _png_name("/scans/MR #1/IM#2.dcm", used) == "IM_2.dcm.png"  # a '#' of the name itself
+    assert _png_name("/scans/MR #1/multi.dcm#frame=3", used) == "multi.dcm_frame3.png"
 
 
 @pytest.fixture

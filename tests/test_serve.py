@@ -111,8 +111,20 @@ def test_predict_answers_a_series_of_dicom_files_with_its_verdict_first(client: 
     assert verdict["summary"]["slice_paths"] == [p.name for p in files]
     assert verdict["summary"]["key_paths"] == [files[1].name, files[2].name]
     assert [o["path"] for o in slices] == [files[k].name for k in (2, 0, 3, 1)]  # slices as sent
-    assert client.get("/v1/model").json()["limits"] == {"max_files": 4, "max_file_bytes": 300_000,
-                                                        "max_request_bytes": 4 * 300_000 + 2**20}
+    limits = client.get("/v1/model").json()["limits"]
+    assert (limits["max_files"], limits["max_file_bytes"], limits["max_request_bytes"]) == (4, 300_000, 2_248_576)
+
+
+def test_a_request_whose_files_decode_past_its_pixel_budget_is_refused(classifier: Classifier, tmp_path: Path) -> None:
+    volume = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((64, 64, 40)).astype(np.float32), np.eye(4)), volume)
+    small = create_app(classifier, ServiceLimits(max_file_bytes=8 << 20, max_files=4, max_request_pixels=200_000))
+    with local_client(small) as client:
+        assert client.post("/v1/predict", files=[_upload(volume)]).status_code == 200  # 163,840 pixels
+        response = client.post("/v1/predict", files=[_upload(volume), _upload(volume)])
+    assert response.status_code == 413
+    assert response.json()["error"] == ("head.nii.gz: the files of this request decode to more than 200,000 pixels "
+                                        "in all; send fewer files per request")
 
 
 def _truncated_jpeg() -> bytes:

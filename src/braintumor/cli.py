@@ -289,14 +289,16 @@ def _predictions(
         yield from classifier.predict_iter(files, batch_size=batch_size, progress=progress)
         return
     dicom = [f for f in files if is_dicom_path(f)]
-    found, failures = read_dicom_series(dicom)
+    found, failures = read_dicom_series(dicom)  # each file read once; every series held until judged
     for failure in failures:
         yield Prediction(path=failure.source, error=failure.message)
+    explain = classifier.model is not None  # an ONNX file gives no heat map: SRs without a Secondary Capture
     for one in found:
-        result = classifier.predict_series(one, explain=True, batch_size=batch_size)
+        result = classifier.predict_series(one, explain=explain, batch_size=batch_size)
         judged.append((one, result))
         yield from result.slices
-    others = [f for f in files if f not in set(dicom)]
+    read = set(dicom)
+    others = [f for f in files if f not in read]
     if others:
         yield from classifier.predict_iter(others, batch_size=batch_size, progress=progress)
 
@@ -600,7 +602,9 @@ def serve(
     ),
     max_file_mb: float = typer.Option(32.0, min=0.001, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(256, min=1, help="Most files in one request (a series' verdict needs them all)."),
-    max_request_mb: float = typer.Option(256.0, min=0.001, help="Largest accepted request body, MiB."),
+    max_request_mb: Optional[float] = typer.Option(
+        None, min=0.001, help="Largest accepted request body, MiB (default: 256, or --max-file-mb + 1 if larger)."
+    ),
     workers: int = typer.Option(
         1, min=1, help="Threads that batch concurrent predictions (1: the model already uses every core)."
     ),
@@ -635,8 +639,9 @@ def serve(
         _fail(str(exc))
     import uvicorn
 
+    request_mb = max_request_mb if max_request_mb is not None else max(256.0, max_file_mb + 1)
     limits = ServiceLimits(max_file_bytes=int(max_file_mb * 2**20), max_files=max_files,
-                           max_request_bytes=int(max_request_mb * 2**20))
+                           max_request_bytes=int(request_mb * 2**20))
     typer.echo(f"serving {classifier.weights_path} ({classifier.backend}) on http://{host}:{port}/", err=True)
     try:
         hosts = tuple(allow_host) or (*LOCAL_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []))
@@ -764,8 +769,10 @@ def _png_name(source: str, used: set[str]) -> str:
     a long name keeps its first ``PNG_STEM_BYTES`` bytes and a hash of the whole name."""
     import hashlib
 
-    base = Path(source.split("#")[0]).name
-    suffix = source.split("#")[1].replace("=", "") if "#" in source else ""
+    file, mark, part = source.rpartition("#")
+    numbered = bool(mark) and part.startswith(("frame=", "slice="))  # a '#' in a file's own name stays in it
+    base = Path(file if numbered else source).name
+    suffix = part.replace("=", "") if numbered else ""
     raw = f"{base}_{suffix}" if suffix else base
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in raw) or "scan"  # surrogates are not alnum
     if len(stem.encode("utf-8")) > PNG_STEM_BYTES:

@@ -101,7 +101,7 @@ def read_dicom_series(
     """The series of ``sources`` (in order of first appearance) and the files that could not be
     read, each read once by ``workers`` threads. An instance without a SeriesInstanceUID is a
     series of its own."""
-    groups: dict[tuple[str | None, str], list[DicomInstance]] = {}
+    groups: dict[tuple[str, str, str], list[DicomInstance]] = {}
     failures: list[ReadFailure] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(_read_or_fail, list(sources)):
@@ -109,7 +109,8 @@ def read_dicom_series(
                 failures.append(result)
                 continue
             ref = result.slices[0].dicom
-            key = (ref.study_uid, ref.series_uid) if ref is not None and ref.series_uid else (None, result.source)
+            key = (("series", ref.study_uid or "", ref.series_uid) if ref is not None and ref.series_uid
+                   else ("file", "", result.source))
             groups.setdefault(key, []).append(result)
     return [_series_of(found) for found in groups.values()], failures
 

@@ -87,8 +87,9 @@ def decode_image(source: str | Path | bytes, name: str | None = None) -> np.ndar
 
 def decode_image_and_colour(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, float]:
     """``decode_image``, plus the share of coloured pixels the grey conversion throws away
-    (``colour_share``): what prediction needs to refuse colour photos. (Training and evaluation
-    decode without it: it adds about a tenth of a millisecond per image, benchmarks/micro.py.)
+    (``colour_share``): what prediction needs to refuse colour photos, and what the decoded-image
+    cache keeps so that evaluation refuses them too (about a tenth of a millisecond per image,
+    benchmarks/micro.py).
 
     Raises:
         InvalidImageError: as ``decode_image``.

@@ -1,2 +1,3 @@
-"""Measuring: ``evaluate`` (a split, the shift suite), ``metrics``, ``plots``, ``shifts`` (the
-label-preserving shift suite), ``shortcuts`` and ``audit`` (data audits), ``calibration``."""
+"""Measuring: ``evaluate`` (a split, the shift suite), ``report`` (what it reports, typed),
+``metrics``, ``plots``, ``shifts`` (the label-preserving shift suite), ``shortcuts``, ``audit``
+and ``source_audit`` (data audits), ``calibration``."""

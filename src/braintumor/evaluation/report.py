@@ -79,7 +79,8 @@ class Source:
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "n_skipped": len(self.skipped)}
+        return {"data": self.data, "split": self.split, "weights": self.weights, "tta": self.tta,
+                "n_skipped": len(self.skipped), "skipped": list(self.skipped)}
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class ShiftEntry:
     guarded: bool = True
     shift: dict[str, Any] | None = None  # description, params, random, transform_seconds (None: unshifted)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, change: float | None = None) -> dict[str, Any]:
+        """The entry's JSON; ``change``: its accuracy less the unshifted one (shifted entries)."""
         m = self.metrics
         found = {
             "accuracy": m.accuracy, "weighted_f1": m.weighted_f1, "macro_f1": m.macro_f1, "n_errors": m.n_errors,
@@ -155,7 +157,7 @@ class ShiftEntry:
             "rejected_as_not_brain_mri": asdict(self.answers.refused_not_brain_mri) if self.guarded else None,
             "answers": self.answers.to_dict(), "ece": m.ece, "labels": m.labels, "confusion_matrix": m.confusion_matrix,
         }
-        return {**found, **(self.shift or {})}
+        return found if change is None else {**found, "accuracy_change": change, **(self.shift or {})}
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class ShiftReport:
             "skipped": source["skipped"],
             "flip_rate_definition": "share of images whose predicted class differs from the unshifted prediction",
             "baseline": self.baseline.to_dict(),
-            "shifts": {name: {**e.to_dict(), "accuracy_change": e.metrics.accuracy - self.baseline.metrics.accuracy}
+            "shifts": {name: e.to_dict(e.metrics.accuracy - self.baseline.metrics.accuracy)
                        for name, e in self.shifts.items()},
         }
 

@@ -300,10 +300,11 @@ class Classifier:
         """
         slices = series.slices if isinstance(series, DicomSeries) else list(series)
         request = self._heatmap_request(DEFAULT_CAM_METHOD, None, self.spec.cam_layer) if explain else None
-        result = series_result(self.predict_slices(slices, batch_size))
+        predictions = self.predict_slices(slices, batch_size)
+        result = series_result(predictions)
         shown = result.shown_slice() if request is not None else None
         if shown is not None:
-            source = next(s for s in slices if s.source == shown.path)
+            source = {id(p): s for p, s in zip(predictions, slices, strict=True)}[id(shown)]
             result.key_heatmap = self._heatmap_of(source, shown, request)
         return result
 

@@ -244,7 +244,7 @@ def series_order(predictions: list[Prediction]) -> list[Prediction]:
 
 def _series_path(ordered: list[Prediction]) -> str:
     """The file of a volume, else the folder the series' files share (the series UID without one)."""
-    files = sorted({p.file or p.path.split("#")[0] for p in ordered})
+    files = sorted({p.file or p.path for p in ordered})
     if len(files) == 1:
         return files[0]
     shared = os.path.commonpath(files) if all(os.path.isabs(f) == os.path.isabs(files[0]) for f in files) else ""
@@ -339,7 +339,7 @@ class SeriesResult:
                                      "sequence_from": kind.sequence_from}
         if kind.plane_from:
             described["plane_from"] = kind.plane_from
-        if kind.series_uid is not None:
+        if any(p.dicom is not None for p in self.slices):
             described.update(study_instance_uid=kind.study_uid, series_instance_uid=kind.series_uid,
                              description=kind.description)
         return {
@@ -415,7 +415,7 @@ def series_key(prediction: Prediction) -> tuple[str, ...] | None:
     if prediction.dicom is not None and prediction.dicom.series_uid:
         return ("dicom", prediction.dicom.study_uid or "", prediction.dicom.series_uid)
     if prediction.volume:
-        return ("file", prediction.file or prediction.path.split("#")[0])
+        return ("file", prediction.file or prediction.path)
     return None
 
 
@@ -437,15 +437,14 @@ class SeriesCollector:
         return [series_result(s) for s in self._series.values() if len(s) > 1 or s[0].volume]
 
 
-def prediction_objects(results: list[Prediction], series: list[SeriesResult] | None = None) -> list[dict[str, Any]]:
-    """The ``predict --json`` array: one object per series first (its verdict), then one per slice.
-    ``series``: the series already judged (default: collected from ``results``)."""
-    if series is None:
-        collector = SeriesCollector()
-        for result in results:
-            collector.add(result)
-        series = collector.results()
-    return [s.to_dict() for s in series] + [r.to_dict() for r in results]
+def prediction_objects(results: list[Prediction]) -> list[dict[str, Any]]:
+    """The service's answer to ``/v1/predict``: one object per series first (its verdict, as
+    ``SeriesResult.to_dict``), then one per slice in the order sent. (``predict --json`` streams
+    its slices as they come and gives the series objects after them.)"""
+    collector = SeriesCollector()
+    for result in results:
+        collector.add(result)
+    return [s.to_dict() for s in collector.results()] + [r.to_dict() for r in results]
 
 
 @dataclass

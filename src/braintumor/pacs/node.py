@@ -226,7 +226,7 @@ class DicomNode:
         if len(found) > 1:
             raise SeriesFailed(f"{len(found)} series in one series folder: instances without matching UIDs")
         [series] = found
-        result = self.classifier.predict_series(series, explain=True)
+        result = self.classifier.predict_series(series, explain=self.classifier.model is not None)
         results = dicom_results(series, result, self.model, previous=self.queue.previous_reports(work))
         files = {f"{d.SOPInstanceUID}.dcm": _file_bytes(d) for d in results.datasets()}
         files["summary.json"] = json.dumps(_summary_line(results, len(failures))).encode()

@@ -46,6 +46,9 @@ MANUFACTURER = "braintumor"
 PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
                      "StudyDate", "StudyTime", "ReferringPhysicianName")
 CAPTION_NOTE = "braintumor: research use, not a diagnosis"
+NO_HEATMAP = ("no Secondary Capture: the series was judged without a heat map (an ONNX weights file cannot give "
+              "one; use the .safetensors weights)")
+RESULTS_VERSION = "2"  # in every instance UID: results whose content changed for the same slices are new instances
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def _uid(*parts: str) -> str:
 
 
 def _source_file(prediction: Prediction) -> str:
-    return prediction.file or prediction.path.split("#")[0]
+    return prediction.file or prediction.path  # a slice of a multi-frame file names its file
 
 
 def _with_type2(header: Any) -> Any:
@@ -88,7 +91,7 @@ class SeriesResults:
 
     result: SeriesResult
     sr: Any  # highdicom Comprehensive3DSR
-    capture: Any | None  # highdicom SCImage, None when no slice was classified or it cannot be oriented
+    capture: Any | None  # highdicom SCImage; None: no slice classified, no heat map, or it cannot be oriented
     note: str | None = None  # why there is no Secondary Capture, when that is not obvious
 
     def datasets(self) -> list[Any]:
@@ -119,7 +122,10 @@ def dicom_results(
     naming = _Naming(str(series.series_uid), model.sha256, _instances_digest(result.slices))
     referenced = result.key_predictions or [min(result.slices, key=lambda p: p.path)]
     sr = _structured_report(series, result, model, naming, referenced, previous or [])
-    capture, note = _capture(series, result, naming) if result.key_heatmap is not None else (None, None)
+    if result.key_heatmap is not None:
+        capture, note = _capture(series, result, naming)
+    else:
+        capture, note = None, None if result.shown_slice() is None else NO_HEATMAP
     return SeriesResults(result, sr, capture, note)
 
 
@@ -136,7 +142,7 @@ class _Naming:
 
     def uid(self, what: str, stable: bool = False) -> str:
         parts = [self.series_uid, self.sha256, what]
-        return _uid(*parts) if stable else _uid(*parts, self.instances)
+        return _uid(*parts) if stable else _uid(*parts, self.instances, RESULTS_VERSION)
 
 
 def _structured_report(

@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.inputs import Slice, read_scan
+from ..data.medical import MAX_INPUT_VOXELS
 from ..errors import BraintumorError, InvalidImageError, UnsupportedFileType
 from ..inference.explain import METHODS, overlay
 from ..inference.predict import DEFAULT_CAM_METHOD, Classifier
@@ -64,12 +65,13 @@ class ServiceLimits:
     max_file_bytes: int = 32 * 2**20
     max_files: int = 256  # a whole series in one request: its verdict needs every slice at once
     max_request_bytes: int = 256 * 2**20  # the whole body, multipart headers included
+    max_request_pixels: int = 16 * MAX_INPUT_VOXELS  # what all files of a request decode to (2 Gi grey pixels)
     work_seconds: float = 300.0  # a request's classification is given up (503) after this long
 
     def public(self) -> dict[str, int]:
         """What a client needs to size its requests (``GET /v1/model``'s ``limits``)."""
         return {"max_files": self.max_files, "max_file_bytes": self.max_file_bytes,
-                "max_request_bytes": self.max_request_bytes}
+                "max_request_bytes": self.max_request_bytes, "max_request_pixels": self.max_request_pixels}
 
 
 class ServiceError(Exception):
@@ -167,14 +169,22 @@ def _read(shown: str, data: bytes) -> list[Slice]:
         raise ServiceError(422, str(exc)) from None
 
 
-def _read_each(uploads: list[tuple[str, bytes]]) -> list[list[Slice] | ServiceError]:
-    """Each upload's slices, or the error that says why it could not be read."""
+def _read_each(uploads: list[tuple[str, bytes]], max_pixels: int) -> list[list[Slice] | ServiceError]:
+    """Each upload's slices, or the error that says why it could not be read. The whole request
+    is refused (413) as soon as its slices pass ``max_pixels`` in all: each file is within the
+    budget per input (``data.medical``), and this bounds what many files decode to together."""
     outcomes: list[list[Slice] | ServiceError] = []
+    decoded = 0
     for shown, data in uploads:
         try:
             outcomes.append(_read(shown, data))
         except ServiceError as exc:
             outcomes.append(exc)
+            continue
+        decoded += sum(s.pixels.size for s in outcomes[-1])
+        if decoded > max_pixels:
+            raise ServiceError(413, f"{shown}: the files of this request decode to more than {max_pixels:,} pixels "
+                                    "in all; send fewer files per request")
     return outcomes
 
 
@@ -306,7 +316,7 @@ def _add_predict(app: FastAPI, batcher: PredictionBatcher, limits: ServiceLimits
         if len(files) > limits.max_files:
             raise ServiceError(413, f"{len(files)} files in one request; the limit is {limits.max_files}")
         uploads = [await _receive(upload, k, limits) for k, upload in enumerate(files)]
-        outcomes = await to_thread.run_sync(_read_each, uploads, limiter=limiter)
+        outcomes = await to_thread.run_sync(_read_each, uploads, limits.max_request_pixels, limiter=limiter)
         readable = [o for o in outcomes if not isinstance(o, ServiceError)]
         if not readable:
             raise outcomes[0]  # nothing to classify: the first file's reason and status
