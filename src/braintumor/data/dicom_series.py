@@ -9,7 +9,6 @@ StudyInstanceUID and SeriesInstanceUID; a ``DicomSeries`` gives its slices in an
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 from ..errors import InvalidImageError
 from .inputs import ReadFailure, Slice, check_readable, dicom_slices, read_guarded
 from .medical import read_dicom
-from .series import series_order_key
+from .series import series_location, series_order_key
 
 DicomSource = Path | tuple[str, bytes]  # a file, or an instance's bytes with the name to call it by
 
@@ -60,14 +59,7 @@ class DicomSeries:
     @property
     def path(self) -> str:
         """The file of a one-file series, else the folder its files share (the UID without one)."""
-        sources = sorted({i.source for i in self.instances})
-        if len(sources) == 1:
-            return sources[0]
-        try:
-            shared = os.path.commonpath(sources)
-        except ValueError:  # absolute and relative names, or names of uploads
-            shared = ""
-        return shared or f"series {self.series_uid}"
+        return series_location([i.source for i in self.instances], self.series_uid)
 
 
 def read_instance(source: DicomSource) -> DicomInstance:

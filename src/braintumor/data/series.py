@@ -13,6 +13,7 @@ contrast agent). Both are guesses from what the header says, and each says where
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -227,3 +228,16 @@ def most_common(values: list[str], default: str = "unknown") -> str:
     """The value most slices of a series agree on (the first seen among equals)."""
     counted = Counter(v for v in values if v and v != default)
     return counted.most_common(1)[0][0] if counted else default
+
+
+def series_location(files: list[str], series_uid: str | None) -> str:
+    """How a series is named to a person: its file when it has one (a volume, a multi-frame file),
+    else the folder its files share, else its UID (files from nowhere in common, or uploads)."""
+    names = sorted(set(files))
+    if len(names) == 1:
+        return names[0]
+    try:
+        shared = os.path.commonpath(names)
+    except ValueError:  # absolute and relative names together
+        shared = ""
+    return shared or f"series {series_uid}"

@@ -11,14 +11,13 @@ anatomical order (``data.series.series_order_key``) whatever order they came in.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..data.series import DicomRef, most_common, series_order_key
+from ..data.series import DicomRef, most_common, series_location, series_order_key
 from ..models.slice_kind import HEADER_SEQUENCES, SliceKind
 
 NOT_BRAIN_MRI = "not_brain_mri"  # the label given to inputs the out-of-distribution guard rejects
@@ -244,12 +243,8 @@ def series_order(predictions: list[Prediction]) -> list[Prediction]:
 
 def _series_path(ordered: list[Prediction]) -> str:
     """The file of a volume, else the folder the series' files share (the series UID without one)."""
-    files = sorted({p.file or p.path for p in ordered})
-    if len(files) == 1:
-        return files[0]
-    shared = os.path.commonpath(files) if all(os.path.isabs(f) == os.path.isabs(files[0]) for f in files) else ""
     uid = ordered[0].dicom.series_uid if ordered[0].dicom else None
-    return shared or f"series {uid}"
+    return series_location([p.file or p.path for p in ordered], uid)
 
 
 @dataclass(frozen=True)
