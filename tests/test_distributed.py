@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import CLASSES, write_tree
+
 pytestmark = pytest.mark.slow  # subprocesses, servers or the real data: minutes of CPU in all
 
 SETTINGS = {
@@ -47,27 +49,51 @@ def _close(a: list[dict], b: list[dict]) -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the data and the config that every run of this module trains on."""
+    folder = tmp_path_factory.mktemp("ddp")
+    write_tree(folder / "kaggle" / "Training", {name: 12 for name in CLASSES}, seed=1)
+    write_tree(folder / "kaggle" / "Testing", {name: 4 for name in CLASSES}, seed=2)
+    (folder / "ddp.yaml").write_text(yaml.safe_dump(SETTINGS))
+    return folder
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(SETTINGS))
-    return path
+def kaggle_tree(shared: Path) -> Path:
+    return shared / "kaggle"
 
 
-def test_two_processes_match_one_with_the_same_global_batch(kaggle_tree: Path, tmp_path: Path, config: Path) -> None:
+@pytest.fixture
+def config(shared: Path) -> Path:
+    return shared / "ddp.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_processes(shared: Path) -> tuple[Path, list[dict]]:
+    """One uninterrupted two-process run (its folder and metrics), which two tests compare against."""
+    out = shared / "ddp"
+    return out, _train(shared / "kaggle", out, shared / "ddp.yaml", 2)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(
+    kaggle_tree: Path, tmp_path: Path, config: Path, two_processes: tuple[Path, list[dict]]
+) -> None:
     single = _train(kaggle_tree, tmp_path / "single", config, 1)
-    distributed = _train(kaggle_tree, tmp_path / "ddp", config, 2)
+    ddp_folder, distributed = two_processes
     assert _close(single, distributed), (single, distributed)
     assert distributed[0]["train_loss"] != distributed[1]["train_loss"]  # it trained
     # The tolerance is tight enough to catch a different recipe: half the batch per step.
     assert not _close(single, _train(kaggle_tree, tmp_path / "half", config, 1, "--batch-size", "8"))
     # Rank 0 alone wrote the run folder.
-    written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    written = sorted(p.name for p in ddp_folder.iterdir())
     assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
 
 
-def test_a_distributed_run_resumes_like_an_uninterrupted_one(kaggle_tree: Path, tmp_path: Path, config: Path) -> None:
-    whole = _train(kaggle_tree, tmp_path / "whole", config, 2)
+def test_a_distributed_run_resumes_like_an_uninterrupted_one(
+    kaggle_tree: Path, tmp_path: Path, config: Path, two_processes: tuple[Path, list[dict]]
+) -> None:
+    whole = two_processes[1]
     _train(kaggle_tree, tmp_path / "resumed", config, 2, "--epochs", "1")
     resumed = _train(kaggle_tree, tmp_path / "resumed", config, 2, "--resume")
     assert _close(whole, resumed), (whole, resumed)
