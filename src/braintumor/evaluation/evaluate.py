@@ -154,9 +154,8 @@ def _for_coverage(prediction: Prediction) -> bool:
 
 def _wrong(predictions: list[Prediction], labels: np.ndarray) -> np.ndarray:
     """Whether the network's top class (refused scans included) is not the label."""
-    top = [max(p.probabilities, key=p.probabilities.get) for p in predictions]
-    names = list(predictions[0].probabilities) if predictions else []
-    return np.array([names.index(t) for t in top], dtype=int).reshape(len(labels)) != labels
+    top = [int(np.argmax(list(p.probabilities.values()))) for p in predictions]  # in class order
+    return np.array(top, dtype=int).reshape(len(labels)) != labels
 
 
 def uncertainty_summary(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> Uncertainty:

@@ -304,7 +304,7 @@ class Classifier:
         result = series_result(predictions)
         shown = result.shown_slice() if request is not None else None
         if shown is not None:
-            source = {id(p): s for p, s in zip(predictions, slices, strict=True)}[id(shown)]
+            source = next(s for p, s in zip(predictions, slices, strict=True) if p is shown)
             result.key_heatmap = self._heatmap_of(source, shown, request)
         return result
 

@@ -303,7 +303,10 @@ class SeriesResult:
 
     @property
     def mean_probabilities(self) -> dict[str, float]:
-        return mean_probabilities(self.slices)
+        """Each class's probability averaged over the slices that have one."""
+        readable = [p for p in self.slices if p.probabilities]
+        names = list(readable[0].probabilities) if readable else []
+        return {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
 
     @property
     def confidence(self) -> float | None:
@@ -395,13 +398,6 @@ def series_result(predictions: list[Prediction]) -> SeriesResult:
     place = {id(p): k for k, p in enumerate(ordered)}
     verdict = SeriesVerdict(label, reason, tuple(place[id(p)] for p in key))
     return SeriesResult(_series_path(ordered), ordered, kind, verdict)
-
-
-def mean_probabilities(slices: list[Prediction]) -> dict[str, float]:
-    """Each class's probability averaged over the slices that have one."""
-    readable = [p for p in slices if p.probabilities]
-    names = list(readable[0].probabilities) if readable else []
-    return {n: float(sum(p.probabilities[n] for p in readable) / len(readable)) for n in names}
 
 
 def series_key(prediction: Prediction) -> tuple[str, ...] | None:
